@@ -1,0 +1,312 @@
+"""``RequestScoped``: a dependency-injector provider with one instance per scope."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import GeneratorType
+from typing import Any, Generic, TypeVar, overload
+
+from dependency_injector import providers
+
+from ._scope import (
+    RequestScope,
+    _current,
+    _Finalizer,
+    closed_scope_message,
+    outside_scope_message,
+)
+from .exceptions import NoRequestScopeError, ScopeMisuseError
+
+__all__ = ["RequestScoped"]
+
+T = TypeVar("T")
+
+
+class _CreationAbortedError(Exception):
+    """Tells tasks waiting on a shared creation that its creator was cancelled."""
+
+
+def _call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return func(*args, **kwargs)
+
+
+def _describe(obj: object) -> str:
+    name = getattr(obj, "__qualname__", None)
+    return name if isinstance(name, str) else type(obj).__qualname__
+
+
+def _needs_await(result: object) -> bool:
+    if inspect.isawaitable(result) or inspect.isasyncgen(result):
+        return True
+    cls = type(result)
+    return hasattr(cls, "__aexit__") and not hasattr(cls, "__exit__")
+
+
+def _finish_generator(gen: Iterator[Any], name: str, failure: BaseException | None) -> None:
+    try:
+        if failure is None:
+            next(gen)
+        else:
+            gen.throw(failure)  # type: ignore[attr-defined]
+    except StopIteration:
+        return
+    except BaseException as exc:
+        if exc is failure:  # re-raised after rollback: the expected path
+            return
+        raise
+    gen.close()  # type: ignore[attr-defined]
+    raise ScopeMisuseError(
+        f"generator initializer of {name} yielded more than once; it must yield exactly once"
+    )
+
+
+async def _finish_async_generator(gen: AsyncIterator[Any], name: str, failure: BaseException | None) -> None:
+    try:
+        if failure is None:
+            await gen.__anext__()
+        else:
+            await gen.athrow(failure)  # type: ignore[attr-defined]
+    except StopAsyncIteration:
+        return
+    except BaseException as exc:
+        if exc is failure:
+            return
+        raise
+    await gen.aclose()  # type: ignore[attr-defined]
+    raise ScopeMisuseError(
+        f"async generator initializer of {name} yielded more than once; it must yield exactly once"
+    )
+
+
+def _exit_args(failure: BaseException | None) -> tuple[Any, Any, Any]:
+    if failure is None:
+        return None, None, None
+    return type(failure), failure, failure.__traceback__
+
+
+def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
+    """Turn a factory's result into the instance and its teardown step."""
+    if isinstance(result, GeneratorType):
+        try:
+            instance = next(result)
+        except StopIteration:
+            raise ScopeMisuseError(
+                f"generator initializer of {name} returned without yielding an instance"
+            ) from None
+        return instance, _Finalizer(name, False, lambda failure: _finish_generator(result, name, failure))
+    cls = type(result)
+    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+        instance = cls.__enter__(result)
+        return instance, _Finalizer(name, False, lambda failure: cls.__exit__(result, *_exit_args(failure)))
+    return result, None
+
+
+async def _enter_async(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
+    while inspect.isawaitable(result):  # async factories and async injections
+        result = await result
+    if inspect.isasyncgen(result):
+        try:
+            instance = await result.__anext__()
+        except StopAsyncIteration:
+            raise ScopeMisuseError(
+                f"async generator initializer of {name} returned without yielding an instance"
+            ) from None
+        gen = result
+        return instance, _Finalizer(name, True, lambda failure: _finish_async_generator(gen, name, failure))
+    cls = type(result)
+    if not hasattr(cls, "__exit__") and hasattr(cls, "__aenter__") and hasattr(cls, "__aexit__"):
+        instance = await cls.__aenter__(result)
+        return instance, _Finalizer(name, True, lambda failure: cls.__aexit__(result, *_exit_args(failure)))
+    return _enter_sync(result, name)
+
+
+class RequestScoped(providers.Provider[T], Generic[T]):
+    """Provide one instance per request scope, created lazily and torn down with the scope.
+
+    Takes the same arguments as ``providers.Factory``. ``provides`` may be a class
+    or function, a generator or async generator function (code after ``yield``
+    runs at teardown and receives the request's failure, if any), or another
+    provider, whose result is called (``RequestScoped(session_factory)`` with
+    ``session_factory = providers.Singleton(sessionmaker, bind=engine)``).
+    Instances that are context managers (``Session``, ``AsyncSession``) are
+    entered on creation and exited at teardown with the request's outcome.
+
+    Provider arguments are resolved as ``Factory`` resolves them; other
+    arguments are kept by reference when containers copy providers, so a
+    ``sessionmaker`` or an engine can be passed directly.
+
+    Raises:
+        NoRequestScopeError: resolved with no open scope, or from a closed one.
+        ScopeMisuseError: an async instance resolved from a thread with no event loop.
+
+    .. versionadded:: 0.1
+    """
+
+    @overload
+    def __init__(self, provides: Callable[..., Iterator[T]], *args: Any, **kwargs: Any) -> None: ...
+    @overload
+    def __init__(self, provides: Callable[..., AsyncIterator[T]], *args: Any, **kwargs: Any) -> None: ...
+    @overload
+    def __init__(self, provides: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> None: ...
+    @overload
+    def __init__(self, provides: providers.Provider[Callable[..., T]], *args: Any, **kwargs: Any) -> None: ...
+    @overload
+    def __init__(self, provides: Callable[..., T], *args: Any, **kwargs: Any) -> None: ...
+    def __init__(self, provides: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(provides, str) or not callable(provides):
+            raise TypeError(
+                f"RequestScoped expects a class, a function or a provider to call, got {provides!r}"
+            )
+        self._provides = provides
+        self._args = args
+        self._kwargs = kwargs
+        self._name = f"RequestScoped({_describe(provides)})"
+        if isinstance(provides, providers.Provider):
+            self._factory: providers.Provider[Any] = providers.Callable(_call, provides, *args, **kwargs)
+        else:
+            self._factory = providers.Callable(provides, *args, **kwargs)
+        super().__init__()
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        # DeclarativeContainer attributes: errors then say "Container.db".
+        self._name = f"{owner.__name__}.{name}"
+
+    def __deepcopy__(self, memo: dict[Any, Any] | None) -> RequestScoped[T]:
+        if memo is None:
+            memo = {}
+        copied = memo.get(id(self))
+        if copied is not None:
+            return copied  # type: ignore[no-any-return]
+        cls = type(self)
+        copied = cls.__new__(cls)
+        memo[id(self)] = copied
+
+        def copy(value: Any) -> Any:
+            return providers.deepcopy(value, memo) if isinstance(value, providers.Provider) else value
+
+        copied.__init__(  # type: ignore[misc]
+            copy(self._provides),
+            *(copy(a) for a in self._args),
+            **{k: copy(v) for k, v in self._kwargs.items()},
+        )
+        copied._name = self._name
+        self._copy_overridings(copied, memo)
+        return copied
+
+    def __str__(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<{self._name} at {id(self):#x}>"
+
+    @property
+    def provides(self) -> Any:
+        """What is called to create the instance."""
+        return self._provides
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """Positional injections, as given."""
+        return self._args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword injections, as given."""
+        return dict(self._kwargs)
+
+    @property
+    def related(self) -> Iterator[providers.Provider[Any]]:
+        """Providers this one depends on, for ``traverse()``."""
+        candidates = (self._provides, *self._args, *self._kwargs.values())
+        yield from (c for c in candidates if isinstance(c, providers.Provider))
+        yield from super().related
+
+    def _provide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        scope = _current.get()
+        if scope is None:
+            raise NoRequestScopeError(outside_scope_message(self._name))
+        try:
+            return scope._instances[self]
+        except KeyError:
+            return self._create(scope, args, kwargs)
+
+    def _create(self, scope: RequestScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with scope._lock:
+            if scope._closed:
+                raise NoRequestScopeError(closed_scope_message(self._name))
+            try:
+                return scope._instances[self]
+            except KeyError:
+                pass
+            pending = scope._pending.get(self)
+            if pending is not None:
+                return self._await_pending(scope, pending, args, kwargs)
+            result = self._factory(*args, **kwargs)
+            if _needs_await(result):
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    _discard(result)
+                    raise ScopeMisuseError(
+                        f"{self._name} creates its instance asynchronously (an async factory, async "
+                        "generator or async context manager such as AsyncSession), but it was resolved "
+                        "from a thread with no running event loop, such as a sync endpoint or "
+                        "dependency; resolve it from async code"
+                    ) from None
+                future: asyncio.Future[Any] = loop.create_future()
+                scope._pending[self] = future
+                return self._finish_async(scope, result, future)
+            instance, finalizer = _enter_sync(result, self._name)
+            scope._store(self, instance, finalizer)
+            return instance
+
+    async def _finish_async(self, scope: RequestScope, result: Any, future: asyncio.Future[Any]) -> Any:
+        try:
+            instance, finalizer = await _enter_async(result, self._name)
+        except BaseException as exc:
+            with scope._lock:
+                scope._pending.pop(self, None)
+            future.set_exception(exc if isinstance(exc, Exception) else _CreationAbortedError())
+            future.exception()  # mark retrieved: nobody may be waiting
+            raise
+        with scope._lock:
+            scope._pending.pop(self, None)
+            stored = scope._store(self, instance, finalizer)
+        if not stored:
+            # The scope closed while we awaited: tear the orphan down now, leak nothing.
+            error = NoRequestScopeError(closed_scope_message(self._name))
+            if finalizer is not None:
+                await finalizer.run(error) if finalizer.is_async else finalizer.run(error)
+            future.set_exception(error)
+            future.exception()
+            raise error
+        future.set_result(instance)
+        return instance
+
+    async def _await_pending(
+        self,
+        scope: RequestScope,
+        future: asyncio.Future[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if future.get_loop() is not asyncio.get_running_loop():
+            raise ScopeMisuseError(
+                f"{self._name} is being created on another event loop; a request scope belongs to "
+                "one event loop"
+            )
+        try:
+            # shield: a waiter being cancelled must not cancel the shared creation.
+            return await asyncio.shield(future)
+        except _CreationAbortedError:
+            result = self._provide(args, kwargs)  # the creator was cancelled: try again
+            return await result if inspect.isawaitable(result) else result
+
+
+def _discard(result: Any) -> None:
+    """Close an async object we cannot use, so Python does not warn it was never awaited."""
+    close = getattr(result, "close", None)
+    if inspect.iscoroutine(result) and close is not None:
+        close()

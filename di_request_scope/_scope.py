@@ -1,0 +1,373 @@
+"""The scope object, the ContextVar that carries it, and ``request_scope()``.
+
+The scope is created once per request (by the middleware or ``request_scope()``)
+and set in the ContextVar once. Providers only read the ContextVar and store
+instances *on the scope object*, so an instance created in a threadpool, a
+streaming body or behind ``BaseHTTPMiddleware`` is visible to the whole request:
+those places run on copies of the context, but the copies point at the same scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar, cast
+
+from .exceptions import NoRequestScopeError, ScopeMisuseError, TeardownError
+
+try:  # anyio comes with Starlette/FastAPI; plain asyncio is the fallback.
+    import anyio
+    import anyio.to_thread
+
+    _HAS_ANYIO = True
+except ImportError:  # pragma: no cover - exercised only without anyio installed
+    _HAS_ANYIO = False
+
+__all__ = ["RequestScope", "current_scope", "request_scope"]
+
+logger = logging.getLogger("di_request_scope")
+
+F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
+
+_current: ContextVar[RequestScope | None] = ContextVar("di_request_scope", default=None)
+
+
+class _Finalizer(NamedTuple):
+    """One teardown step: ``run(failure)`` returns None, or an awaitable when ``is_async``."""
+
+    name: str
+    is_async: bool
+    run: Callable[[BaseException | None], Any]
+
+
+Hook = Callable[[], "Awaitable[None] | None"]
+
+
+class RequestScope:
+    """One request's instances and their teardown.
+
+    Created by :class:`~di_request_scope.RequestScopeMiddleware` or
+    :func:`request_scope`; application code rarely touches it directly.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_before_response",
+        "_closed",
+        "_failure",
+        "_finalizers",
+        "_instances",
+        "_lock",
+        "_pending",
+    )
+
+    def __init__(self) -> None:
+        # provider -> instance; read without the lock on the hot path.
+        self._instances: dict[object, object] = {}
+        # provider -> asyncio.Future of an async creation in flight.
+        self._pending: dict[object, asyncio.Future[Any]] = {}
+        self._finalizers: list[_Finalizer] = []
+        self._before_response: list[Hook] = []
+        # Reentrant: a factory may resolve another request-scoped provider.
+        self._lock = threading.RLock()
+        self._closed = False
+        self._failure: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        failed = f", failed={self._failure!r}" if self._failure is not None else ""
+        return (
+            f"<RequestScope {state}: {len(self._instances)} instances, "
+            f"{len(self._finalizers)} pending finalizers{failed}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once teardown has begun; nothing can be resolved from it any more."""
+        return self._closed
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The first failure recorded for this scope, handed to every finalizer."""
+        return self._failure
+
+    def fail(self, exc: BaseException) -> None:
+        """Record that the unit of work failed; the first failure wins.
+
+        Finalizers then roll back instead of committing. The middleware calls this
+        for exceptions, error statuses and incomplete responses; jobs may call it
+        to roll back without raising.
+        """
+        if self._failure is None:
+            self._failure = exc
+
+    def call_before_response(self, hook: Hook) -> None:
+        """Run ``hook`` (sync or async) just before a successful response starts.
+
+        This is where a unit of work commits, so that a failed commit can still
+        become a 5xx. Hooks run in registration order; outside HTTP they never run.
+        """
+        with self._lock:
+            if self._closed:
+                raise NoRequestScopeError("cannot register a hook on a request scope that has already closed")
+            self._before_response.append(hook)
+
+    async def _run_before_response(self) -> None:
+        with self._lock:
+            hooks, self._before_response = self._before_response, []
+        for hook in hooks:
+            result = hook()
+            if result is not None:
+                await result
+
+    def _store(self, key: object, instance: object, finalizer: _Finalizer | None) -> bool:
+        """Keep a new instance; False when the scope closed while it was created."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._instances[key] = instance
+            if finalizer is not None:
+                self._finalizers.append(finalizer)
+            return True
+
+    def _begin_close(self) -> list[_Finalizer]:
+        with self._lock:
+            if self._closed:
+                raise ScopeMisuseError(f"{self!r} is already closed; a scope is closed exactly once")
+            self._closed = True
+            finalizers = self._finalizers[::-1]
+            self._finalizers = []
+            self._before_response = []
+            # An empty dict makes every later lookup miss and reach the closed check.
+            self._instances = {}
+        return finalizers
+
+    def close(self) -> list[BaseException]:
+        """Run every finalizer in reverse creation order; return their errors."""
+        errors: list[BaseException] = []
+        for fin in self._begin_close():
+            if fin.is_async:
+                errors.append(
+                    ScopeMisuseError(
+                        f"{fin.name} needs async teardown but its scope was closed synchronously; "
+                        "use `async with request_scope():` (or the decorator on an async function)"
+                    )
+                )
+                continue
+            _run_sync(fin, self._failure, errors)
+        return errors
+
+    async def aclose(self) -> list[BaseException]:
+        """Like :meth:`close`, awaiting async finalizers and running sync ones in a worker thread."""
+        errors: list[BaseException] = []
+        finalizers = self._begin_close()
+        failure = self._failure
+        i = 0
+        while i < len(finalizers):
+            fin = finalizers[i]
+            if fin.is_async:
+                try:
+                    await fin.run(failure)
+                except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+                    errors.append(exc)
+                i += 1
+                continue
+            # Consecutive sync finalizers share one thread hop; order is kept.
+            j = i
+            while j < len(finalizers) and not finalizers[j].is_async:
+                j += 1
+            batch = finalizers[i:j]
+            errors.extend(await _to_thread(functools.partial(_run_sync_batch, batch, failure)))
+            i = j
+        return errors
+
+
+def _run_sync(fin: _Finalizer, failure: BaseException | None, errors: list[BaseException]) -> None:
+    try:
+        fin.run(failure)
+    except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+        errors.append(exc)
+
+
+def _run_sync_batch(batch: list[_Finalizer], failure: BaseException | None) -> list[BaseException]:
+    errors: list[BaseException] = []
+    for fin in batch:
+        _run_sync(fin, failure, errors)
+    return errors
+
+
+async def _to_thread(func: Callable[[], R]) -> R:
+    """Run blocking teardown (``Session.close()``) off the event loop."""
+    if _HAS_ANYIO:
+        return await anyio.to_thread.run_sync(func)
+    return await asyncio.to_thread(func)  # pragma: no cover
+
+
+async def _shielded(func: Callable[[], Awaitable[R]]) -> R:
+    """Await ``func()`` to completion even if the caller is being cancelled."""
+    if _HAS_ANYIO:
+        with anyio.CancelScope(shield=True):
+            return await func()
+    task = asyncio.ensure_future(func())  # pragma: no cover
+    cancelled = False  # pragma: no cover
+    while True:  # pragma: no cover
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:  # pragma: no cover
+        raise asyncio.CancelledError
+    return result  # pragma: no cover
+
+
+def current_scope() -> RequestScope:
+    """Return the open scope of the running request, job or test.
+
+    Raises:
+        NoRequestScopeError: no scope is open here, or it has already closed.
+
+    .. versionadded:: 0.1
+    """
+    scope = _current.get()
+    if scope is None:
+        raise NoRequestScopeError(outside_scope_message("current_scope()"))
+    if scope._closed:
+        raise NoRequestScopeError(closed_scope_message("current_scope()"))
+    return scope
+
+
+def outside_scope_message(what: str) -> str:
+    return (
+        f"{what} was resolved outside a request scope. Add RequestScopeMiddleware to the ASGI app "
+        "(app.add_middleware(RequestScopeMiddleware)), or open a scope around jobs, CLI commands and "
+        "tests with `with request_scope():` / `async with request_scope():`. Threads started with "
+        "threading.Thread do not inherit the scope: start them with contextvars.copy_context().run."
+    )
+
+
+def closed_scope_message(what: str) -> str:
+    return (
+        f"{what} was resolved from a request scope that has already closed: a task, thread or "
+        "callback outlived its request. Resolve what it needs before the request ends, or give the "
+        "work its own scope with `request_scope()`."
+    )
+
+
+def raise_teardown_errors(errors: list[BaseException], body_error: BaseException | None) -> None:
+    """Surface teardown errors without hiding the body's own exception."""
+    if not errors:
+        return
+    if body_error is not None:
+        # The body's exception keeps propagating; teardown errors must not replace it.
+        for err in errors:
+            logger.error("finalizer failed while a failed request scope closed", exc_info=err)
+        return
+    for err in errors:
+        if not isinstance(err, Exception):  # cancellation or KeyboardInterrupt goes first
+            raise err
+    if len(errors) == 1:
+        raise errors[0]
+    raise TeardownError(errors) from errors[0]
+
+
+class request_scope:  # noqa: N801 - used like a function, as contextlib's helpers are
+    """Open a request scope outside HTTP: jobs, CLI commands, tests.
+
+    Works as ``with request_scope():``, ``async with request_scope():`` and as a
+    decorator on sync and async functions (each call gets its own scope). An
+    exception leaving the block is handed to finalizers (rollback); teardown
+    errors are raised here when the block itself succeeded. Nesting opens an
+    independent inner scope and restores the outer one on exit.
+
+    Raises:
+        TeardownError: more than one finalizer failed (one failure is raised as itself).
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self) -> None:
+        self._scope: RequestScope | None = None
+        self._token: Token[RequestScope | None] | None = None
+
+    def _open(self) -> RequestScope:
+        if self._scope is not None:
+            raise ScopeMisuseError(
+                "this request_scope() is already open; create a new request_scope() for each block"
+            )
+        self._scope = RequestScope()
+        self._token = _current.set(self._scope)
+        return self._scope
+
+    def _take(self) -> tuple[RequestScope, Token[RequestScope | None]]:
+        scope, token = self._scope, self._token
+        if scope is None or token is None:
+            raise ScopeMisuseError("request_scope() exited without being entered")
+        self._scope = self._token = None
+        return scope, token
+
+    def __enter__(self) -> RequestScope:
+        return self._open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope, token = self._take()
+        try:
+            if exc is not None:
+                scope.fail(exc)
+            errors = scope.close()
+        finally:
+            _current.reset(token)
+        raise_teardown_errors(errors, exc)
+
+    async def __aenter__(self) -> RequestScope:
+        return self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope, token = self._take()
+        try:
+            if exc is not None:
+                scope.fail(exc)
+            errors = await _shielded(scope.aclose)
+        finally:
+            _current.reset(token)
+        raise_teardown_errors(errors, exc)
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async with request_scope():
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with request_scope():
+                return func(*args, **kwargs)
+
+        return cast(F, wrapper)

@@ -1,0 +1,125 @@
+"""``RequestScopeMiddleware``: one request scope per HTTP request or WebSocket connection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._scope import RequestScope, _current, _shielded, logger
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .exceptions import RequestFailed
+
+__all__ = ["RequestScopeMiddleware"]
+
+# Marks the ASGI scope so a second copy of the middleware joins the first one's scope.
+_SCOPE_KEY = "di_request_scope"
+_NORMAL_CLOSE_CODES = frozenset({1000, 1001})
+
+
+def default_is_failure_status(status: int) -> bool:
+    """4xx and 5xx responses roll back; everything else commits."""
+    return status >= 400
+
+
+class RequestScopeMiddleware:
+    """Open a request scope around each HTTP request and WebSocket connection.
+
+    A pure ASGI middleware (not ``BaseHTTPMiddleware``), so the scope is seen by
+    sync endpoints in the threadpool, streaming bodies and background tasks, and
+    torn down only after all of them finished. It may sit anywhere in the stack;
+    with FastAPI or Starlette, ``app.add_middleware(RequestScopeMiddleware)``.
+
+    The request's outcome reaches finalizers: an exception raised by the app, an
+    error status the framework already rendered (``HTTPException``), or a client
+    that went away before the response completed. Hooks registered with
+    :meth:`RequestScope.call_before_response` (the SQLAlchemy unit of work's
+    commit) run before a successful status is sent; if one fails, the exception
+    propagates instead, so the client gets a 5xx, never a 2xx. Teardown errors are
+    logged on the ``di_request_scope`` logger: the response is already gone.
+
+    Args:
+        app: The ASGI application to wrap.
+        is_failure_status: Decides which response statuses roll back; by default
+            every status >= 400.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        is_failure_status: Callable[[int], bool] = default_is_failure_status,
+    ) -> None:
+        self.app = app
+        self.is_failure_status = is_failure_status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or _SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+
+        request_scope = RequestScope()
+        scope[_SCOPE_KEY] = request_scope
+        token = _current.set(request_scope)
+        is_failure_status = self.is_failure_status
+        complete = client_gone = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                client_gone = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal complete
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+                if is_failure_status(status):
+                    request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
+                elif kind == "http.response.start":
+                    try:
+                        await request_scope._run_before_response()
+                    except BaseException as exc:
+                        # Raised into the app instead of sending the status: the
+                        # client gets a 5xx from the server or ServerErrorMiddleware.
+                        request_scope.fail(exc)
+                        raise
+            elif kind == "http.response.body":
+                if not message.get("more_body", False):
+                    complete = True
+            elif kind == "http.response.pathsend":
+                complete = True
+            elif kind == "websocket.close":
+                code = message.get("code", 1000)
+                if code not in _NORMAL_CLOSE_CODES:
+                    request_scope.fail(RequestFailed(f"the WebSocket was closed with code {code}"))
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            request_scope.fail(exc)
+            raise
+        finally:
+            if kind == "http" and error is None:
+                if client_gone:
+                    request_scope.fail(RequestFailed("the client disconnected before the response completed"))
+                elif not complete:
+                    request_scope.fail(RequestFailed("the app returned without completing the response"))
+            try:
+                errors = await _shielded(request_scope.aclose)
+            finally:
+                _current.reset(token)
+            for err in errors:
+                logger.error(
+                    "teardown failed after %s %s (request outcome: %s)",
+                    scope.get("method", "WEBSOCKET"),
+                    scope.get("path", ""),
+                    "success" if request_scope.failure is None else repr(request_scope.failure),
+                    exc_info=err,
+                )
