@@ -2,7 +2,7 @@
 
 from ._provider import RequestScoped
 from ._scope import RequestScope, current_scope, request_scope
-from .asgi import RequestScopeMiddleware
+from .asgi import RequestScopeMiddleware, container_lifespan
 from .exceptions import (
     NoRequestScopeError,
     RequestFailed,
@@ -23,6 +23,7 @@ __all__ = [
     "ScopeMisuseError",
     "TeardownError",
     "__version__",
+    "container_lifespan",
     "current_scope",
     "request_scope",
 ]

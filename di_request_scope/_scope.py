@@ -68,6 +68,7 @@ class RequestScope:
         "_instances",
         "_lock",
         "_pending",
+        "_response_started",
     )
 
     def __init__(self) -> None:
@@ -81,6 +82,7 @@ class RequestScope:
         self._lock = threading.RLock()
         self._closed = False
         self._failure: BaseException | None = None
+        self._response_started = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -99,6 +101,11 @@ class RequestScope:
     def failure(self) -> BaseException | None:
         """The first failure recorded for this scope, handed to every finalizer."""
         return self._failure
+
+    @property
+    def response_started(self) -> bool:
+        """True once the HTTP response status was sent: later failures cannot reach the client."""
+        return self._response_started
 
     def fail(self, exc: BaseException) -> None:
         """Record that the unit of work failed; the first failure wins.

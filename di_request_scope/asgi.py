@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
-from ._scope import RequestScope, _current, _shielded, logger
+from ._scope import _HAS_ANYIO, RequestScope, _current, _shielded, logger
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import RequestFailed
 
-__all__ = ["RequestScopeMiddleware"]
+if _HAS_ANYIO:
+    import anyio
+
+__all__ = ["RequestScopeMiddleware", "container_lifespan"]
 
 # Marks the ASGI scope so a second copy of the middleware joins the first one's scope.
 _SCOPE_KEY = "di_request_scope"
@@ -64,22 +70,39 @@ class RequestScopeMiddleware:
         token = _current.set(request_scope)
         is_failure_status = self.is_failure_status
         complete = client_gone = False
+        peeked: Message | None = None
 
         async def receive_wrapper() -> Message:
-            nonlocal client_gone
+            nonlocal client_gone, peeked
+            if peeked is not None:
+                message, peeked = peeked, None
+                return message
             message = await receive()
             if message["type"] == "http.disconnect" and not complete:
                 client_gone = True
             return message
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal complete
-            kind = message["type"]
-            if kind in ("http.response.start", "websocket.http.response.start"):
-                status = message["status"]
-                if is_failure_status(status):
-                    request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
-                elif kind == "http.response.start":
+        async def client_left() -> bool:
+            # Servers drop sends to a closed connection silently, so look before
+            # committing: a receive() that does not block tells, one that would
+            # block is cancelled at once and consumes nothing.
+            nonlocal client_gone, peeked
+            if client_gone or peeked is not None or not _HAS_ANYIO:
+                return client_gone
+            with anyio.CancelScope() as cancel_scope:
+                cancel_scope.cancel()
+                peeked = await receive()
+                client_gone = peeked["type"] == "http.disconnect"
+            return client_gone
+
+        async def on_response_start(kind: str, status: int) -> None:
+            if is_failure_status(status):
+                request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
+            elif kind == "http.response.start" and request_scope._before_response:
+                if await client_left():
+                    gone = RequestFailed("the client disconnected before the response started")
+                    request_scope.fail(gone)
+                if request_scope.failure is None:
                     try:
                         await request_scope._run_before_response()
                     except BaseException as exc:
@@ -87,6 +110,13 @@ class RequestScopeMiddleware:
                         # client gets a 5xx from the server or ServerErrorMiddleware.
                         request_scope.fail(exc)
                         raise
+            request_scope._response_started = True
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal complete
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                await on_response_start(kind, message["status"])
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
                     complete = True
@@ -123,3 +153,36 @@ class RequestScopeMiddleware:
                     "success" if request_scope.failure is None else repr(request_scope.failure),
                     exc_info=err,
                 )
+
+
+def container_lifespan(
+    container: Any,
+    lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """Tie a container's resources (engines, pools) to the app's lifespan.
+
+    ``FastAPI(lifespan=container_lifespan(container))`` initialises every
+    ``providers.Resource`` at startup and shuts them down (``engine.dispose()``)
+    at shutdown, once per worker process, so ``--reload`` and ``--workers`` leave
+    no pool behind. An existing lifespan may be wrapped: it runs inside.
+
+    .. versionadded:: 0.1
+    """
+
+    @asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[Any]:
+        started = container.init_resources()
+        if inspect.isawaitable(started):
+            await started
+        try:
+            if lifespan is None:
+                yield None
+            else:
+                async with lifespan(app) as state:
+                    yield state
+        finally:
+            stopped = container.shutdown_resources()
+            if inspect.isawaitable(stopped):
+                await _shielded(lambda: stopped)
+
+    return run

@@ -1,0 +1,300 @@
+"""SQLAlchemy unit of work per request: commit before the response, roll back on failure, always close.
+
+Declare one session per request in a container::
+
+    db = RequestScoped(unit_of_work, SessionLocal)          # sync Session
+    db = RequestScoped(unit_of_work, async_session_factory) # AsyncSession
+
+The data-safety rule: under :class:`~di_request_scope.RequestScopeMiddleware` the
+transaction is committed *before* a successful status is sent, so a failed commit
+becomes a 5xx, never a 2xx. Writes made after that (a streaming body, a background
+task) are committed at teardown; since the client already has its status, a
+failure there is raised as :class:`LateCommitError` and logged, never lost silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar, overload
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from ._scope import RequestScope, _to_thread, current_scope
+from .exceptions import RequestScopeError
+
+__all__ = [
+    "LateCommitError",
+    "RollbackOnlyError",
+    "managed_async_engine",
+    "managed_engine",
+    "transactional",
+    "unit_of_work",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+AnySession = Session | AsyncSession
+
+# Session.info keys: the rollback-only mark of a failed transactional() method that
+# joined a transaction, and the mark of a session owned by a unit of work, whose
+# transaction spans the whole request even before its first statement.
+_ROLLBACK_ONLY = "di_request_scope.rollback_only"
+_UNIT_OF_WORK = "di_request_scope.unit_of_work"
+
+
+class LateCommitError(RequestScopeError):
+    """A commit made after the response status was sent failed; those writes were not saved.
+
+    Writes made in a streaming body or a background task run after the client
+    received its status, so the only place left to report the failure is the log.
+    Do such writes in the endpoint, or give the background work its own scope with
+    ``request_scope()`` so it can handle the error.
+    """
+
+
+class RollbackOnlyError(RequestScopeError):
+    """A ``transactional`` method failed inside a transaction it joined, and the caller went on.
+
+    Its partial writes share the request's transaction, so committing would save
+    half of a failed operation; the whole transaction is rolled back instead. Use
+    ``@transactional(savepoint=True)`` for an operation whose failure the caller
+    wants to recover from.
+    """
+
+
+def _rollback_only_error(session: AnySession) -> RollbackOnlyError | None:
+    failed = session.info.get(_ROLLBACK_ONLY)
+    if failed is None:
+        return None
+    name, exc = failed
+    return RollbackOnlyError(
+        f"transactional method {name} failed with {type(exc).__name__}: {exc}, inside a transaction it "
+        "joined, and the request went on; the whole transaction was rolled back so that no half-done "
+        "operation is committed. Let the exception propagate, or use @transactional(savepoint=True) "
+        "to recover from it."
+    )
+
+
+@overload
+def unit_of_work(session_factory: Callable[[], Session]) -> Iterator[Session]: ...
+@overload
+def unit_of_work(session_factory: Callable[[], AsyncSession]) -> AsyncIterator[AsyncSession]: ...
+def unit_of_work(
+    session_factory: Callable[[], AnySession],
+) -> Iterator[Session] | AsyncIterator[AsyncSession]:
+    """Initializer for ``RequestScoped``: one session per scope, committed by the outcome.
+
+    ``RequestScoped(unit_of_work, SessionLocal)`` gives each request one
+    ``Session`` (or ``AsyncSession``, from an ``async_sessionmaker``): committed
+    before a successful response starts, rolled back when the request fails (an
+    exception, a status >= 400, a client that left early), always closed.
+    ``session_factory`` may be a provider of the sessionmaker, so the engine can
+    live in the container and be created in the app's lifespan.
+
+    In a job under ``request_scope()`` the commit happens when the block exits
+    without an exception.
+
+    .. versionadded:: 0.1
+    """
+    scope = current_scope()
+    session = session_factory()
+    if isinstance(session, Session | AsyncSession):
+        session.info[_UNIT_OF_WORK] = True
+    if isinstance(session, AsyncSession):
+        return _async_unit_of_work(session, scope)
+    if not isinstance(session, Session):
+        raise TypeError(
+            f"unit_of_work needs a factory of Session or AsyncSession (a sessionmaker), got "
+            f"{type(session).__name__} from {session_factory!r}"
+        )
+    return _sync_unit_of_work(session, scope)
+
+
+def _sync_unit_of_work(session: Session, scope: RequestScope) -> Iterator[Session]:
+    async def commit_before_response() -> None:
+        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+            await _to_thread(functools.partial(_commit, session))
+
+    scope.call_before_response(commit_before_response)
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    else:
+        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+            _commit(session, late=scope.response_started)
+    finally:
+        session.info.pop(_ROLLBACK_ONLY, None)
+        session.close()
+
+
+def _commit(session: Session, *, late: bool = False) -> None:
+    error = _rollback_only_error(session)
+    if error is not None:
+        session.rollback()
+        raise error
+    try:
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        if late:
+            raise LateCommitError(_late_message(exc)) from exc
+        raise
+
+
+async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> AsyncIterator[AsyncSession]:
+    async def commit_before_response() -> None:
+        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+            await _acommit(session)
+
+    scope.call_before_response(commit_before_response)
+    try:
+        yield session
+    except BaseException:
+        await session.rollback()
+        raise
+    else:
+        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+            await _acommit(session, late=scope.response_started)
+    finally:
+        session.info.pop(_ROLLBACK_ONLY, None)
+        await session.close()
+
+
+async def _acommit(session: AsyncSession, *, late: bool = False) -> None:
+    error = _rollback_only_error(session)
+    if error is not None:
+        await session.rollback()
+        raise error
+    try:
+        await session.commit()
+    except Exception as exc:
+        await session.rollback()
+        if late:
+            raise LateCommitError(_late_message(exc)) from exc
+        raise
+
+
+def _late_message(exc: BaseException) -> str:
+    return (
+        f"commit after the response status was sent failed with {type(exc).__name__}: {exc}. Writes made "
+        "in a streaming body or background task were NOT saved, and the client was already told the "
+        "request succeeded. Make such writes in the endpoint, or give the background work its own "
+        "request_scope()."
+    )
+
+
+SessionSource = str | Callable[[], Any]
+
+
+@overload
+def transactional(func: F, /) -> F: ...
+@overload
+def transactional(*, session: SessionSource = "session", savepoint: bool = False) -> Callable[[F], F]: ...
+def transactional(
+    func: F | None = None, /, *, session: SessionSource = "session", savepoint: bool = False
+) -> F | Callable[[F], F]:
+    """Run a sync or async service method inside its session's transaction.
+
+    Begins a transaction and commits or rolls it back when none is open; joins
+    the open one otherwise (the request's unit of work), so transactions never
+    nest by accident. If a method fails inside a joined transaction and the caller
+    swallows the error, the transaction becomes rollback-only: the unit of work
+    rolls back and raises :class:`RollbackOnlyError` instead of committing half an
+    operation. ``savepoint=True`` wraps the call in ``SAVEPOINT`` instead, so its
+    failure undoes only its own writes.
+
+    Args:
+        session: Where the session comes from: the name of an attribute of the
+            method's first argument (``"session"``, the default: services get
+            their session injected), or a callable such as the ``RequestScoped``
+            provider itself (``container.db``).
+        savepoint: Use a nested transaction (``SAVEPOINT``).
+
+    .. versionadded:: 0.1
+    """
+
+    def decorate(fn: F) -> F:
+        name = getattr(fn, "__qualname__", repr(fn))
+
+        def get_session(args: tuple[Any, ...]) -> Any:
+            if callable(session):
+                return session()
+            if not args or not hasattr(args[0], session):
+                found = f"{type(args[0]).__name__} has no such attribute" if args else "it got no arguments"
+                raise TypeError(
+                    f"@transactional on {name} looks for the session in `self.{session}`, but {found}; "
+                    "inject the session into that attribute, or pass session=<provider or callable>"
+                )
+            return getattr(args[0], session)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                sess = get_session(args)
+                if inspect.isawaitable(sess):
+                    sess = await sess
+                if savepoint:
+                    async with sess.begin_nested():
+                        return await fn(*args, **kwargs)
+                if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
+                    try:
+                        return await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        sess.info.setdefault(_ROLLBACK_ONLY, (name, exc))
+                        raise
+                async with sess.begin():
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sess = get_session(args)
+            if savepoint:
+                with sess.begin_nested():
+                    return fn(*args, **kwargs)
+            if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
+                try:
+                    return fn(*args, **kwargs)
+                except BaseException as exc:
+                    sess.info.setdefault(_ROLLBACK_ONLY, (name, exc))
+                    raise
+            with sess.begin():
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def managed_engine(url: str, **kwargs: Any) -> Iterator[Engine]:
+    """Resource initializer: ``engine = providers.Resource(managed_engine, url)``; disposed on shutdown.
+
+    .. versionadded:: 0.1
+    """
+    engine = create_engine(url, **kwargs)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+async def managed_async_engine(url: str, **kwargs: Any) -> AsyncIterator[AsyncEngine]:
+    """Async twin of :func:`managed_engine` for ``create_async_engine``.
+
+    .. versionadded:: 0.1
+    """
+    engine = create_async_engine(url, **kwargs)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
