@@ -241,8 +241,13 @@ def transactional(
                 if inspect.isawaitable(sess):
                     sess = await sess
                 if savepoint:
-                    async with sess.begin_nested():
-                        return await fn(*args, **kwargs)
+                    marked = _ROLLBACK_ONLY in sess.info
+                    try:
+                        async with sess.begin_nested():
+                            return await fn(*args, **kwargs)
+                    except BaseException:
+                        _forget_inner_failures(sess, marked)
+                        raise
                 if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
                     try:
                         return await fn(*args, **kwargs)
@@ -258,8 +263,13 @@ def transactional(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             sess = get_session(args)
             if savepoint:
-                with sess.begin_nested():
-                    return fn(*args, **kwargs)
+                marked = _ROLLBACK_ONLY in sess.info
+                try:
+                    with sess.begin_nested():
+                        return fn(*args, **kwargs)
+                except BaseException:
+                    _forget_inner_failures(sess, marked)
+                    raise
             if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
                 try:
                     return fn(*args, **kwargs)
@@ -274,6 +284,13 @@ def transactional(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def _forget_inner_failures(session: Any, was_marked: bool) -> None:
+    # The savepoint's rollback undid whatever failed inside it, so a rollback-only
+    # mark set in there no longer describes the outer transaction.
+    if not was_marked:
+        session.info.pop(_ROLLBACK_ONLY, None)
 
 
 def managed_engine(url: str, **kwargs: Any) -> Iterator[Engine]:

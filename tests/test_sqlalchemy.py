@@ -1,0 +1,642 @@
+"""Unit of work per request on real SQLite files and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from dependency_injector import containers, providers
+from fastapi import BackgroundTasks, FastAPI, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, registry, sessionmaker
+from sqlalchemy.pool import NullPool
+from starlette.testclient import TestClient
+
+from di_request_scope import (
+    RequestScoped,
+    RequestScopeMiddleware,
+    container_lifespan,
+    request_scope,
+)
+from di_request_scope.sqlalchemy import (
+    LateCommitError,
+    RollbackOnlyError,
+    managed_async_engine,
+    managed_engine,
+    transactional,
+    unit_of_work,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Db:
+    """A notes table on one backend, plus a way to read it from outside the app."""
+
+    url: str
+    async_url: str
+    table: Table
+    model: type[Any]
+    is_postgres: bool
+
+    def texts(self) -> list[str]:
+        engine = create_engine(self.url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                return sorted(conn.execute(select(self.table.c.text)).scalars())
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Any, unique_name: str) -> Iterator[Db]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'notes.sqlite3'}"
+        async_url = url.replace("sqlite://", "sqlite+aiosqlite://")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        async_url = url  # psycopg 3 serves both sync and async engines
+    metadata = MetaData()
+    # Deferred on PostgreSQL, so a duplicate fails at COMMIT itself; SQLite has no
+    # deferrable UNIQUE, and there the duplicate fails in the flush that commit() runs.
+    unique = (
+        UniqueConstraint("text", deferrable=True, initially="DEFERRED")
+        if request.param == "postgres"
+        else UniqueConstraint("text")
+    )
+    table = Table(
+        unique_name,
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("text", String(50), nullable=False),
+        unique,
+    )
+
+    class Note:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    registry().map_imperatively(Note, table)
+    engine = create_engine(url, poolclass=NullPool)
+    metadata.create_all(engine)
+    try:
+        yield Db(url, async_url, table, Note, request.param == "postgres")
+    finally:
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
+def build_sync_app(db: Db) -> tuple[FastAPI, Any]:
+    """The documented sync set-up: engine in the container, created in the lifespan."""
+
+    class Container(containers.DeclarativeContainer):
+        engine = providers.Resource(managed_engine, db.url)
+        session_factory = providers.Singleton(sessionmaker, bind=engine)
+        session = RequestScoped(unit_of_work, session_factory)
+
+    container = Container()
+    app = FastAPI(lifespan=container_lifespan(container))
+    app.add_middleware(RequestScopeMiddleware)
+    Note = db.model
+
+    @app.post("/notes", status_code=201)
+    def create(text: list[str]) -> dict[str, Any]:
+        container.session().add_all([Note(t) for t in text])
+        return {"created": text}
+
+    @app.post("/notes/http-error")
+    def http_error(text: str) -> None:
+        container.session().add(Note(text))
+        raise HTTPException(status_code=409, detail="conflict")
+
+    @app.post("/notes/crash")
+    def crash(text: str) -> None:
+        container.session().add(Note(text))
+        raise RuntimeError("boom")
+
+    @app.post("/notes/error-status")
+    def error_status(text: str) -> JSONResponse:
+        container.session().add(Note(text))
+        return JSONResponse({"error": "invalid"}, status_code=422)
+
+    @app.post("/notes/stream")
+    def stream(text: str, late: str) -> StreamingResponse:
+        container.session().add(Note(text))
+
+        def body() -> Iterator[bytes]:
+            yield b"first;"
+            container.session().add(Note(late))
+            yield b"second"
+
+        return StreamingResponse(body())
+
+    @app.post("/notes/background", status_code=202)
+    def background(text: str, late: str, tasks: BackgroundTasks) -> dict[str, str]:
+        container.session().add(Note(text))
+        tasks.add_task(lambda: container.session().add(Note(late)))
+        return {"queued": late}
+
+    return app, container
+
+
+def build_async_app(db: Db) -> tuple[FastAPI, Any]:
+    """The same app on AsyncSession."""
+
+    class Container(containers.DeclarativeContainer):
+        engine = providers.Resource(managed_async_engine, db.async_url)
+        session_factory = providers.Singleton(async_sessionmaker, bind=engine)
+        session = RequestScoped(unit_of_work, session_factory)
+
+    container = Container()
+    app = FastAPI(lifespan=container_lifespan(container))
+    app.add_middleware(RequestScopeMiddleware)
+    Note = db.model
+
+    async def session() -> AsyncSession:
+        return await container.session()  # type: ignore[no-any-return]
+
+    @app.post("/notes", status_code=201)
+    async def create(text: list[str]) -> dict[str, Any]:
+        (await session()).add_all([Note(t) for t in text])
+        return {"created": text}
+
+    @app.post("/notes/http-error")
+    async def http_error(text: str) -> None:
+        (await session()).add(Note(text))
+        raise HTTPException(status_code=409, detail="conflict")
+
+    @app.post("/notes/crash")
+    async def crash(text: str) -> None:
+        (await session()).add(Note(text))
+        raise RuntimeError("boom")
+
+    @app.post("/notes/error-status")
+    async def error_status(text: str) -> JSONResponse:
+        (await session()).add(Note(text))
+        return JSONResponse({"error": "invalid"}, status_code=422)
+
+    @app.post("/notes/stream")
+    async def stream(text: str, late: str) -> StreamingResponse:
+        (await session()).add(Note(text))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first;"
+            (await session()).add(Note(late))
+            yield b"second"
+
+        return StreamingResponse(body())
+
+    @app.post("/notes/background", status_code=202)
+    async def background(text: str, late: str, tasks: BackgroundTasks) -> dict[str, str]:
+        (await session()).add(Note(text))
+
+        async def write_late() -> None:
+            (await session()).add(Note(late))
+
+        tasks.add_task(write_late)
+        return {"queued": late}
+
+    return app, container
+
+
+@pytest.fixture(params=["sync", "async"])
+def app_and_container(request: pytest.FixtureRequest, db: Db) -> tuple[FastAPI, Any]:
+    return build_sync_app(db) if request.param == "sync" else build_async_app(db)
+
+
+@pytest.fixture
+def client(app_and_container: tuple[FastAPI, Any]) -> Iterator[TestClient]:
+    app, _ = app_and_container
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_successful_request_commits(db: Db, client: TestClient) -> None:
+    """A 2xx request's writes are committed and visible to another connection."""
+    response = client.post("/notes", json=["a", "b"])
+    assert response.status_code == 201
+    assert db.texts() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/notes/http-error", 409), ("/notes/crash", 500), ("/notes/error-status", 422)],
+)
+def test_failed_request_rolls_back(db: Db, client: TestClient, path: str, status: int) -> None:
+    """HTTPException, an unhandled exception and a returned error status all roll back."""
+    response = client.post(path, params={"text": "lost"})
+    assert response.status_code == status
+    assert db.texts() == []
+
+
+def test_failed_commit_answers_500_and_saves_nothing(db: Db, client: TestClient) -> None:
+    """A commit that fails is reported to the client as a 5xx, never a 2xx, and nothing is saved."""
+    assert client.post("/notes", json=["dup"]).status_code == 201
+    response = client.post("/notes", json=["other", "dup"])
+    assert response.status_code == 500
+    assert db.texts() == ["dup"]
+
+
+def test_streaming_body_writes_are_committed_after_the_status(db: Db, client: TestClient) -> None:
+    """Writes made in a streaming body are committed at teardown, after the early commit."""
+    response = client.post("/notes/stream", params={"text": "early", "late": "late"})
+    assert response.status_code == 200
+    assert response.text == "first;second"
+    assert db.texts() == ["early", "late"]
+
+
+def test_background_task_writes_are_committed(db: Db, client: TestClient) -> None:
+    """Writes made in a background task share the request's session and are committed."""
+    response = client.post("/notes/background", params={"text": "early", "late": "late"})
+    assert response.status_code == 202
+    assert db.texts() == ["early", "late"]
+
+
+def test_failed_late_commit_is_logged_loudly(
+    db: Db, client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit after the status was sent that fails is logged as LateCommitError, never silently."""
+    assert client.post("/notes", json=["dup"]).status_code == 201
+    with caplog.at_level(logging.ERROR, logger="di_request_scope"):
+        response = client.post("/notes/stream", params={"text": "early", "late": "dup"})
+    assert response.status_code == 200  # the status was gone before the write was made
+    assert db.texts() == ["dup", "early"]  # the early commit stands, the late write is reported
+    late = [r for r in caplog.records if isinstance(r.exc_info and r.exc_info[1], LateCommitError)]
+    assert len(late) == 1
+    assert "NOT saved" in str(late[0].exc_info[1])  # type: ignore[index]
+    assert isinstance(late[0].exc_info[1].__cause__, IntegrityError)  # type: ignore[index]
+
+
+def test_lifespan_disposes_the_engine_and_leaves_no_connection(
+    db: Db, app_and_container: tuple[FastAPI, Any]
+) -> None:
+    """The engine is created at startup and disposed at shutdown; no connection stays checked out."""
+    app, container = app_and_container
+    with TestClient(app) as client:
+        for i in range(5):
+            assert client.post("/notes", json=[f"n{i}"]).status_code == 201
+        engine = container.engine
+        if engine.is_async_mode_enabled():  # an async Resource must be awaited on the app's loop
+
+            async def resolve() -> Any:
+                return await container.engine()
+
+            engine = client.portal.call(resolve)  # type: ignore[union-attr]
+        else:
+            engine = container.engine()
+        pool = engine.pool
+        assert pool.checkedout() == 0
+    # After shutdown the pool was disposed: a fresh pool object with nothing checked in.
+    assert engine.pool is not pool
+    assert engine.pool.checkedin() == 0
+
+
+def test_unit_of_work_in_a_job_commits_on_success_and_rolls_back_on_error(db: Db) -> None:
+    """Under request_scope() the commit happens when the block exits cleanly; an exception rolls back."""
+    engine = create_engine(db.url)
+    SessionLocal = sessionmaker(bind=engine)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, SessionLocal)
+
+    container = Container()
+    with request_scope():
+        container.session().add(db.model("kept"))
+    with pytest.raises(ValueError, match="job failed"), request_scope():
+        container.session().add(db.model("dropped"))
+        raise ValueError("job failed")
+    engine.dispose()
+    assert db.texts() == ["kept"]
+
+
+def test_unit_of_work_rejects_a_factory_that_makes_no_session() -> None:
+    """unit_of_work with something other than a sessionmaker says what it needs."""
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, dict)
+
+    with request_scope(), pytest.raises(TypeError, match="needs a factory of Session or AsyncSession"):
+        Container().session()
+
+
+class NoteService:
+    """A service in the seed article's style: it never commits itself."""
+
+    def __init__(self, session: Session, model: type[Any]) -> None:
+        self.session = session
+        self.model = model
+
+    @transactional
+    def add(self, text: str, *, fail: bool = False) -> None:
+        self.session.add(self.model(text))
+        self.session.flush()
+        if fail:
+            raise ValueError(f"cannot add {text}")
+
+    @transactional(savepoint=True)
+    def try_add(self, text: str, *, fail: bool = False) -> None:
+        self.add(text, fail=fail)
+
+
+def test_transactional_begins_and_commits_on_a_plain_session(db: Db) -> None:
+    """Outside a unit of work, transactional begins its own transaction and commits it."""
+    engine = create_engine(db.url)
+    with Session(engine) as session:
+        service = NoteService(session, db.model)
+        service.add("one")
+        assert not session.in_transaction()
+        with pytest.raises(ValueError, match="cannot add two"):
+            service.add("two", fail=True)
+    engine.dispose()
+    assert db.texts() == ["one"]
+
+
+def test_transactional_joins_the_request_transaction(db: Db) -> None:
+    """Inside a unit of work, transactional joins: nothing commits until the scope ends."""
+    engine = create_engine(db.url)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine)))
+        service = providers.Factory(NoteService, session=session, model=providers.Object(db.model))
+
+    container = Container()
+    with pytest.raises(RuntimeError, match="request failed"), request_scope():
+        container.service().add("a")
+        container.service().add("b")
+        assert db.texts() == []  # joined: not committed by the method
+        raise RuntimeError("request failed")
+    assert db.texts() == []
+    with request_scope():
+        container.service().add("a")
+    engine.dispose()
+    assert db.texts() == ["a"]
+
+
+def test_swallowed_transactional_failure_makes_the_transaction_rollback_only(db: Db) -> None:
+    """A joined method that failed, with the error swallowed, rolls everything back with a clear error."""
+    engine = create_engine(db.url)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine)))
+        service = providers.Factory(NoteService, session=session, model=providers.Object(db.model))
+
+    container = Container()
+    with pytest.raises(RollbackOnlyError, match=r"NoteService\.add failed") as info, request_scope():
+        container.service().add("first")
+        try:
+            container.service().add("half", fail=True)
+        except ValueError:
+            pass
+    assert "savepoint=True" in str(info.value)
+    engine.dispose()
+    assert db.texts() == []
+
+
+def test_transactional_savepoint_undoes_only_its_own_writes(db: Db) -> None:
+    """savepoint=True rolls back just the failed call; the request's other writes commit."""
+    engine = create_engine(db.url)
+    if not db.is_postgres:
+        _enable_sqlite_savepoints(engine)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine)))
+        service = providers.Factory(NoteService, session=session, model=providers.Object(db.model))
+
+    container = Container()
+    with request_scope():
+        container.service().add("kept")
+        with pytest.raises(ValueError, match="cannot add undone"):
+            container.service().try_add("undone", fail=True)
+        container.service().try_add("also kept")
+    engine.dispose()
+    assert db.texts() == ["also kept", "kept"]
+
+
+def test_transactional_without_a_session_attribute_says_how_to_fix_it() -> None:
+    """A method whose object has no session attribute gets a clear TypeError."""
+
+    class Service:
+        @transactional
+        def run(self) -> None:
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match=r"self\.session.*Service has no such attribute"):
+        Service().run()
+
+
+@pytest.mark.anyio
+async def test_async_transactional_finds_the_session_through_the_provider(db: Db) -> None:
+    """transactional(session=provider) resolves the request's AsyncSession itself."""
+
+    class Container(containers.DeclarativeContainer):
+        engine = providers.Resource(managed_async_engine, db.async_url)
+        session = RequestScoped(unit_of_work, providers.Singleton(async_sessionmaker, bind=engine))
+
+    container = Container()
+    await container.init_resources()  # type: ignore[misc]
+
+    @transactional(session=container.session)
+    async def add(text: str) -> None:
+        (await container.session()).add(db.model(text))
+
+    try:
+        async with request_scope():
+            await add("x")
+            await add("y")
+    finally:
+        await container.shutdown_resources()  # type: ignore[misc]
+    assert db.texts() == ["x", "y"]
+
+
+def _enable_sqlite_savepoints(engine: Engine) -> None:
+    """pysqlite's own transaction handling breaks SAVEPOINT; SQLAlchemy's documented recipe."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def test_two_databases_in_one_request_each_follow_the_outcome(tmp_path: Any, postgres_url: str) -> None:
+    """Two engines, two request-scoped sessions: both commit on success, both roll back on failure."""
+    pieces = []
+    for url in (f"sqlite:///{tmp_path / 'a.sqlite3'}", postgres_url):
+        metadata = MetaData()
+        table = Table(
+            f"two_db_{abs(hash((url, id(metadata)))) % 10**8}",
+            metadata,
+            Column("id", Integer, primary_key=True),
+            Column("text", String(50)),
+        )
+        engine = create_engine(url)
+        metadata.create_all(engine)
+        pieces.append((engine, metadata, table))
+
+    (engine_a, meta_a, table_a), (engine_b, meta_b, table_b) = pieces
+
+    class Container(containers.DeclarativeContainer):
+        users_db = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine_a)))
+        audit_db = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine_b)))
+
+    container = Container()
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.post("/write")
+    def write(text: str, fail: bool = False) -> dict[str, str]:
+        users, audit = container.users_db(), container.audit_db()
+        assert users is not audit
+        users.execute(table_a.insert().values(text=text))
+        audit.execute(table_b.insert().values(text=text))
+        if fail:
+            raise HTTPException(400)
+        return {"written": text}
+
+    try:
+        with TestClient(app) as client:
+            assert client.post("/write", params={"text": "ok"}).status_code == 200
+            assert client.post("/write", params={"text": "bad", "fail": True}).status_code == 400
+        for engine, table in ((engine_a, table_a), (engine_b, table_b)):
+            with engine.connect() as conn:
+                assert list(conn.execute(select(table.c.text)).scalars()) == ["ok"]
+            assert engine.pool.checkedout() == 0
+    finally:
+        meta_a.drop_all(engine_a)
+        meta_b.drop_all(engine_b)
+        engine_a.dispose()
+        engine_b.dispose()
+
+
+@pytest.mark.postgres
+def test_seed_deadlock_disappears_with_one_session_per_request(postgres_url: str, unique_name: str) -> None:
+    """Two repositories updating one row: per-injection sessions block on the lock; RequestScoped does not."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(postgres_url, connect_args={"options": "-c lock_timeout=2000"})
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {unique_name} (id int primary key, n int)")
+        conn.exec_driver_sql(f"INSERT INTO {unique_name} VALUES (1, 0)")
+    SessionLocal = sessionmaker(bind=engine)
+
+    class Repo:
+        def __init__(self, session: Session) -> None:
+            self.session = session
+
+        def bump(self) -> None:
+            self.session.execute(text(f"UPDATE {unique_name} SET n = n + 1 WHERE id = 1"))
+
+    class PerInjection(containers.DeclarativeContainer):
+        session = providers.Factory(SessionLocal)
+        repo = providers.Factory(Repo, session=session)
+
+    class PerRequest(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(SessionLocal))
+        repo = providers.Factory(Repo, session=session)
+
+    try:
+        per_injection = PerInjection()
+        first, second = per_injection.repo(), per_injection.repo()
+        first.bump()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            second.bump()  # the seed's deadlock: the second session waits on the first one's row lock
+        first.session.rollback()
+        second.session.rollback()
+        first.session.close()
+        second.session.close()
+
+        per_request = PerRequest()
+        with request_scope():
+            per_request.repo().bump()
+            per_request.repo().bump()
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT n FROM {unique_name}").scalar() == 2
+        assert engine.pool.checkedout() == 0
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {unique_name}")
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_rollback_is_invisible_to_another_connection(postgres_url: str, unique_name: str) -> None:
+    """Uncommitted writes of a failing request are never visible outside it, before or after rollback."""
+    from sqlalchemy import text
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {unique_name} (v text)")
+    SessionLocal = sessionmaker(bind=engine)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(SessionLocal))
+
+    container = Container()
+    observer = create_engine(postgres_url, poolclass=NullPool)
+
+    def visible() -> int:
+        with observer.connect() as conn:
+            return int(conn.exec_driver_sql(f"SELECT count(*) FROM {unique_name}").scalar_one())
+
+    try:
+        with pytest.raises(RuntimeError), request_scope():
+            container.session().execute(text(f"INSERT INTO {unique_name} VALUES ('secret')"))
+            assert visible() == 0
+            raise RuntimeError("fail")
+        assert visible() == 0
+        assert engine.pool.checkedout() == 0
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {unique_name}")
+        engine.dispose()
+        observer.dispose()
+
+
+@pytest.mark.postgres
+def test_pool_exhaustion_gives_a_clear_error_not_a_hang(postgres_url: str) -> None:
+    """When every pooled connection is held, a request fails fast with SQLAlchemy's pool timeout."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    SessionLocal = sessionmaker(bind=engine)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(SessionLocal))
+
+    container = Container()
+    holder_ready, release = threading.Event(), threading.Event()
+
+    @request_scope()
+    def hold() -> None:
+        container.session().execute(text("SELECT 1"))
+        holder_ready.set()
+        release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holder_ready.wait(30)
+        with pytest.raises(PoolTimeout, match="QueuePool limit"), request_scope():
+            container.session().execute(text("SELECT 1"))
+    finally:
+        release.set()
+        holder.join(30)
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
