@@ -1,0 +1,1 @@
+"""A small users-and-notes service: FastAPI + SQLAlchemy + dependency-injector, one session per request."""
