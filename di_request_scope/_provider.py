@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import GeneratorType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from dependency_injector import providers
 
@@ -22,6 +23,17 @@ from .exceptions import NoRequestScopeError, ScopeMisuseError
 __all__ = ["RequestScoped"]
 
 T = TypeVar("T")
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _ProviderOfFactory(Protocol[T_co]):
+    """A provider (``Singleton(sessionmaker, ...)``) whose result is called to create the instance."""
+
+    @property
+    def provided(self) -> providers.ProvidedInstance: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Callable[..., T_co]: ...
 
 
 class _CreationAbortedError(Exception):
@@ -145,13 +157,13 @@ class RequestScoped(providers.Provider[T], Generic[T]):
     """
 
     @overload
+    def __init__(self, provides: _ProviderOfFactory[T], *args: Any, **kwargs: Any) -> None: ...
+    @overload
     def __init__(self, provides: Callable[..., Iterator[T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., AsyncIterator[T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> None: ...
-    @overload
-    def __init__(self, provides: providers.Provider[Callable[..., T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., T], *args: Any, **kwargs: Any) -> None: ...
     def __init__(self, provides: Any, *args: Any, **kwargs: Any) -> None:
@@ -228,9 +240,19 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         if scope is None:
             raise NoRequestScopeError(outside_scope_message(self._name))
         try:
-            return scope._instances[self]
+            instance = scope._instances[self]
         except KeyError:
             return self._create(scope, args, kwargs)
+        if self.is_async_mode_enabled():
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise ScopeMisuseError(
+                    f"{self._name} was created asynchronously, so dependency-injector returns an "
+                    "awaitable for it, but it was resolved from a thread with no running event loop; "
+                    "resolve it from async code"
+                ) from None
+        return instance
 
     def _create(self, scope: RequestScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with scope._lock:
@@ -242,6 +264,13 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 pass
             pending = scope._pending.get(self)
             if pending is not None:
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:
+                    raise ScopeMisuseError(
+                        f"{self._name} is being created asynchronously and was resolved from a thread "
+                        "with no running event loop; resolve it from async code"
+                    ) from None
                 return self._await_pending(scope, pending, args, kwargs)
             result = self._factory(*args, **kwargs)
             if _needs_await(result):
@@ -255,9 +284,19 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                         "from a thread with no running event loop, such as a sync endpoint or "
                         "dependency; resolve it from async code"
                     ) from None
+                if scope._sync_only:
+                    _discard(result)
+                    raise ScopeMisuseError(
+                        f"{self._name} creates its instance asynchronously, but its scope was opened "
+                        "by a sync `with request_scope()`, which cannot await its teardown; use "
+                        "`async with request_scope()` (or the decorator on an async function)"
+                    )
                 future: asyncio.Future[Any] = loop.create_future()
                 scope._pending[self] = future
-                return self._finish_async(scope, result, future)
+                creation = self._finish_async(scope, result, future)
+                # A resolution that is never awaited must not leave later ones waiting forever.
+                weakref.finalize(creation, _abandon, scope, self, future, result)
+                return creation
             instance, finalizer = _enter_sync(result, self._name)
             scope._store(self, instance, finalizer)
             return instance
@@ -303,6 +342,24 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         except _CreationAbortedError:
             result = self._provide(args, kwargs)  # the creator was cancelled: try again
             return await result if inspect.isawaitable(result) else result
+
+
+def _abandon(scope: RequestScope, key: RequestScoped[Any], future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    _discard(result)
+    with scope._lock:
+        if scope._pending.get(key) is future:
+            del scope._pending[key]
+    error = ScopeMisuseError(
+        f"{key._name} was resolved but the awaitable it returned was never awaited; "
+        "`await container.x()` (or let @inject await it)"
+    )
+    try:
+        future.set_exception(error)
+        future.exception()
+    except RuntimeError:  # its event loop is already closed: nobody can be waiting
+        pass
 
 
 def _discard(result: Any) -> None:

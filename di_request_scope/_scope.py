@@ -69,6 +69,7 @@ class RequestScope:
         "_lock",
         "_pending",
         "_response_started",
+        "_sync_only",
     )
 
     def __init__(self) -> None:
@@ -83,6 +84,8 @@ class RequestScope:
         self._closed = False
         self._failure: BaseException | None = None
         self._response_started = False
+        # Set by a sync `with request_scope()`: it cannot await async teardown.
+        self._sync_only = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -219,24 +222,36 @@ async def _to_thread(func: Callable[[], R]) -> R:
     return await asyncio.to_thread(func)  # pragma: no cover
 
 
-async def _shielded(func: Callable[[], Awaitable[R]]) -> R:
-    """Await ``func()`` to completion even if the caller is being cancelled."""
-    if _HAS_ANYIO:
-        with anyio.CancelScope(shield=True):
-            return await func()
-    task = asyncio.ensure_future(func())  # pragma: no cover
-    cancelled = False  # pragma: no cover
-    while True:  # pragma: no cover
+async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
+    """Run ``func()`` to completion even if the caller is cancelled; also say whether it was.
+
+    The work runs in a task of its own: an anyio shield stops anyio cancellation
+    but not a native ``Task.cancel()`` (``asyncio.timeout``, a server shutting
+    down), and a commit or rollback cut off half-way would lose data or a
+    connection. The caller re-raises the cancellation once it has reported errors.
+    """
+    task = asyncio.ensure_future(func())
+    cancelled = False
+    while True:
         try:
-            result = await asyncio.shield(task)
-            break
+            if _HAS_ANYIO:
+                # Without the anyio shield, anyio would re-deliver its (level-
+                # triggered) cancellation at every await and spin this loop.
+                with anyio.CancelScope(shield=True):
+                    return await asyncio.shield(task), cancelled
+            return await asyncio.shield(task), cancelled  # pragma: no cover
         except asyncio.CancelledError:
             if task.done():
                 raise
             cancelled = True
-    if cancelled:  # pragma: no cover
+
+
+async def _shielded(func: Callable[[], Awaitable[R]]) -> R:
+    """:func:`_shield`, re-raising the cancellation once ``func()`` is done."""
+    result, cancelled = await _shield(func)
+    if cancelled:
         raise asyncio.CancelledError
-    return result  # pragma: no cover
+    return result
 
 
 def current_scope() -> RequestScope:
@@ -327,7 +342,9 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         return scope, token
 
     def __enter__(self) -> RequestScope:
-        return self._open()
+        scope = self._open()
+        scope._sync_only = True
+        return scope
 
     def __exit__(
         self,
@@ -357,12 +374,34 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         try:
             if exc is not None:
                 scope.fail(exc)
-            errors = await _shielded(scope.aclose)
+            errors, cancelled = await _shield(scope.aclose)
         finally:
             _current.reset(token)
+        if cancelled:
+            raise_teardown_errors(errors, asyncio.CancelledError())  # logged: cancellation goes first
+            raise asyncio.CancelledError
         raise_teardown_errors(errors, exc)
 
     def __call__(self, func: F) -> F:
+        if inspect.isasyncgenfunction(func):
+
+            @functools.wraps(func)
+            async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async with request_scope():
+                    async for item in func(*args, **kwargs):
+                        yield item
+
+            return cast("F", async_gen_wrapper)
+
+        if inspect.isgeneratorfunction(func):
+
+            @functools.wraps(func)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with request_scope():
+                    return (yield from func(*args, **kwargs))
+
+            return cast("F", gen_wrapper)
+
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)

@@ -17,12 +17,20 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] extra)
+    from sqlalchemy.ext.asyncio import AsyncSession as _AsyncSession
+    from sqlalchemy.ext.asyncio import create_async_engine
+except ImportError:  # pragma: no cover - the test extra installs it
+    _AsyncSession = None  # type: ignore[assignment,misc]
 
 from ._scope import RequestScope, _to_thread, current_scope
 from .exceptions import RequestScopeError
@@ -37,7 +45,7 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-AnySession = Session | AsyncSession
+AnySession: TypeAlias = "Session | AsyncSession"
 
 # Session.info keys: the rollback-only mark of a failed transactional() method that
 # joined a transaction, and the mark of a session owned by a unit of work, whose
@@ -102,15 +110,15 @@ def unit_of_work(
     """
     scope = current_scope()
     session = session_factory()
-    if isinstance(session, Session | AsyncSession):
+    if _AsyncSession is not None and isinstance(session, _AsyncSession):
         session.info[_UNIT_OF_WORK] = True
-    if isinstance(session, AsyncSession):
         return _async_unit_of_work(session, scope)
     if not isinstance(session, Session):
         raise TypeError(
             f"unit_of_work needs a factory of Session or AsyncSession (a sessionmaker), got "
             f"{type(session).__name__} from {session_factory!r}"
         )
+    session.info[_UNIT_OF_WORK] = True
     return _sync_unit_of_work(session, scope)
 
 
@@ -310,6 +318,8 @@ async def managed_async_engine(url: str, **kwargs: Any) -> AsyncIterator[AsyncEn
 
     .. versionadded:: 0.1
     """
+    if _AsyncSession is None:  # pragma: no cover - the test extra installs greenlet
+        raise ImportError("async engines need SQLAlchemy's asyncio extra: pip install 'sqlalchemy[asyncio]'")
     engine = create_async_engine(url, **kwargs)
     try:
         yield engine
