@@ -129,6 +129,11 @@ class RequestScope:
         with self._lock:
             if self._closed:
                 raise NoRequestScopeError("cannot register a hook on a request scope that has already closed")
+            if self._response_started:
+                raise ScopeMisuseError(
+                    "the response has already started, so a before-response hook would never run; "
+                    "check `scope.response_started` first and do the work at teardown instead"
+                )
             self._before_response.append(hook)
 
     async def _run_before_response(self) -> None:
@@ -147,6 +152,16 @@ class RequestScope:
             self._instances[key] = instance
             if finalizer is not None:
                 self._finalizers.append(finalizer)
+            return True
+
+    def _close_if_nothing_to_tear_down(self) -> bool:
+        """Close at once when nothing was created: most requests never pay for teardown."""
+        with self._lock:
+            if self._finalizers or self._pending or self._closed:
+                return False
+            self._closed = True
+            self._before_response = []
+            self._instances = {}
             return True
 
     def _begin_close(self) -> list[_Finalizer]:

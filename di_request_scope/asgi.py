@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from ._scope import _HAS_ANYIO, RequestScope, _current, _shielded, logger
+from ._scope import _HAS_ANYIO, RequestScope, _current, _shield, _shielded, logger
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import RequestFailed
 
@@ -69,15 +70,20 @@ class RequestScopeMiddleware:
         scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
         is_failure_status = self.is_failure_status
-        complete = client_gone = False
+        complete = client_gone = accepted = False
+        receiving = 0
         peeked: Message | None = None
 
         async def receive_wrapper() -> Message:
-            nonlocal client_gone, peeked
+            nonlocal client_gone, peeked, receiving
             if peeked is not None:
                 message, peeked = peeked, None
                 return message
-            message = await receive()
+            receiving += 1
+            try:
+                message = await receive()
+            finally:
+                receiving -= 1
             if message["type"] == "http.disconnect" and not complete:
                 client_gone = True
             return message
@@ -85,9 +91,10 @@ class RequestScopeMiddleware:
         async def client_left() -> bool:
             # Servers drop sends to a closed connection silently, so look before
             # committing: a receive() that does not block tells, one that would
-            # block is cancelled at once and consumes nothing.
+            # block is cancelled at once and consumes nothing. Never while the app
+            # itself waits in receive(): a server may deliver the disconnect once.
             nonlocal client_gone, peeked
-            if client_gone or peeked is not None or not _HAS_ANYIO:
+            if client_gone or peeked is not None or receiving or not _HAS_ANYIO:
                 return client_gone
             with anyio.CancelScope() as cancel_scope:
                 cancel_scope.cancel()
@@ -113,7 +120,7 @@ class RequestScopeMiddleware:
             request_scope._response_started = True
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal complete
+            nonlocal complete, accepted
             kind = message["type"]
             if kind in ("http.response.start", "websocket.http.response.start"):
                 await on_response_start(kind, message["status"])
@@ -122,9 +129,13 @@ class RequestScopeMiddleware:
                     complete = True
             elif kind == "http.response.pathsend":
                 complete = True
+            elif kind == "websocket.accept":
+                accepted = True
             elif kind == "websocket.close":
                 code = message.get("code", 1000)
-                if code not in _NORMAL_CLOSE_CODES:
+                if not accepted:  # the server answers 403: the handshake was rejected
+                    request_scope.fail(RequestFailed("the WebSocket handshake was rejected", status_code=403))
+                elif code not in _NORMAL_CLOSE_CODES:
                     request_scope.fail(RequestFailed(f"the WebSocket was closed with code {code}"))
             await send(message)
 
@@ -141,18 +152,26 @@ class RequestScopeMiddleware:
                     request_scope.fail(RequestFailed("the client disconnected before the response completed"))
                 elif not complete:
                     request_scope.fail(RequestFailed("the app returned without completing the response"))
+            cancelled = False
             try:
-                errors = await _shielded(request_scope.aclose)
+                if not request_scope._close_if_nothing_to_tear_down():
+                    errors, cancelled = await _shield(request_scope.aclose)
+                    self._log_teardown_errors(scope, request_scope, errors)
             finally:
                 _current.reset(token)
-            for err in errors:
-                logger.error(
-                    "teardown failed after %s %s (request outcome: %s)",
-                    scope.get("method", "WEBSOCKET"),
-                    scope.get("path", ""),
-                    "success" if request_scope.failure is None else repr(request_scope.failure),
-                    exc_info=err,
-                )
+            if cancelled and error is None:
+                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+
+    @staticmethod
+    def _log_teardown_errors(scope: Scope, request_scope: RequestScope, errors: list[BaseException]) -> None:
+        for err in errors:
+            logger.error(
+                "teardown failed after %s %s (request outcome: %s)",
+                scope.get("method", "WEBSOCKET"),
+                scope.get("path", ""),
+                "success" if request_scope.failure is None else repr(request_scope.failure),
+                exc_info=err,
+            )
 
 
 def container_lifespan(

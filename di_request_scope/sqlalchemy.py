@@ -127,7 +127,8 @@ def _sync_unit_of_work(session: Session, scope: RequestScope) -> Iterator[Sessio
         if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
             await _to_thread(functools.partial(_commit, session))
 
-    scope.call_before_response(commit_before_response)
+    if not scope.response_started:  # created after the status: commit at teardown only
+        scope.call_before_response(commit_before_response)
     try:
         yield session
     except BaseException:
@@ -160,7 +161,8 @@ async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> Asy
         if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
             await _acommit(session)
 
-    scope.call_before_response(commit_before_response)
+    if not scope.response_started:  # created after the status: commit at teardown only
+        scope.call_before_response(commit_before_response)
     try:
         yield session
     except BaseException:
