@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import GeneratorType
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from contextlib import AbstractContextManager
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any, Generic, Protocol, TypeVar, overload
 
 from dependency_injector import providers
@@ -49,26 +50,43 @@ def _describe(obj: object) -> str:
     return name if isinstance(name, str) else type(obj).__qualname__
 
 
+# Per-class answers: the creation path must not pay for ABC checks and failing
+# attribute lookups on every new instance.
+_NEEDS_AWAIT: dict[type, bool] = {GeneratorType: False, CoroutineType: True, AsyncGeneratorType: True}
+_IS_CONTEXT_MANAGER: dict[type, bool] = {}
+_DONE = object()
+
+
 def _needs_await(result: object) -> bool:
-    if inspect.isawaitable(result) or inspect.isasyncgen(result):
-        return True
     cls = type(result)
-    return hasattr(cls, "__aexit__") and not hasattr(cls, "__exit__")
+    needs = _NEEDS_AWAIT.get(cls)
+    if needs is None:
+        needs = hasattr(cls, "__await__") or (hasattr(cls, "__aexit__") and not hasattr(cls, "__exit__"))
+        _NEEDS_AWAIT[cls] = needs
+    return needs
 
 
-def _finish_generator(gen: Iterator[Any], name: str, failure: BaseException | None) -> None:
-    try:
-        if failure is None:
-            next(gen)
-        else:
-            gen.throw(failure)  # type: ignore[attr-defined]
-    except StopIteration:
-        return
-    except BaseException as exc:
-        if exc is failure:  # re-raised after rollback: the expected path
+def _is_context_manager(cls: type) -> bool:
+    is_cm = _IS_CONTEXT_MANAGER.get(cls)
+    if is_cm is None:
+        is_cm = _IS_CONTEXT_MANAGER[cls] = hasattr(cls, "__enter__") and hasattr(cls, "__exit__")
+    return is_cm
+
+
+def _finish_generator(gen: Generator[Any, Any, Any], name: str, failure: BaseException | None) -> None:
+    if failure is None:
+        if next(gen, _DONE) is _DONE:
             return
-        raise
-    gen.close()  # type: ignore[attr-defined]
+    else:
+        try:
+            gen.throw(failure)
+        except StopIteration:
+            return
+        except BaseException as exc:
+            if exc is failure:  # re-raised after rollback: the expected path
+                return
+            raise
+    gen.close()
     raise ScopeMisuseError(
         f"generator initializer of {name} yielded more than once; it must yield exactly once"
     )
@@ -109,9 +127,14 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
             ) from None
         return instance, _Finalizer(name, False, lambda failure: _finish_generator(result, name, failure))
     cls = type(result)
-    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+    if _is_context_manager(cls):
         instance = cls.__enter__(result)
-        return instance, _Finalizer(name, False, lambda failure: cls.__exit__(result, *_exit_args(failure)))
+        return instance, _Finalizer(
+            name,
+            False,
+            lambda failure: cls.__exit__(result, *_exit_args(failure)),
+            getattr(result, "_di_request_scope_blocks", None),
+        )
     return result, None
 
 
@@ -165,6 +188,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
     @overload
     def __init__(self, provides: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
+    def __init__(
+        self, provides: Callable[..., AbstractContextManager[T]], *args: Any, **kwargs: Any
+    ) -> None: ...
+    @overload
     def __init__(self, provides: Callable[..., T], *args: Any, **kwargs: Any) -> None: ...
     def __init__(self, provides: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(provides, str) or not callable(provides):
@@ -175,6 +202,7 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         self._args = args
         self._kwargs = kwargs
         self._name = f"RequestScoped({_describe(provides)})"
+        self._created_async = False
         if isinstance(provides, providers.Provider):
             self._factory: providers.Provider[Any] = providers.Callable(_call, provides, *args, **kwargs)
         else:
@@ -239,11 +267,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         scope = _current.get()
         if scope is None:
             raise NoRequestScopeError(outside_scope_message(self._name))
-        try:
-            instance = scope._instances[self]
-        except KeyError:
+        instance = scope._instances.get(self, _DONE)
+        if instance is _DONE:
             return self._create(scope, args, kwargs)
-        if self.is_async_mode_enabled():
+        if self._created_async:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
@@ -258,10 +285,9 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         with scope._lock:
             if scope._closed:
                 raise NoRequestScopeError(closed_scope_message(self._name))
-            try:
-                return scope._instances[self]
-            except KeyError:
-                pass
+            instance = scope._instances.get(self, _DONE)
+            if instance is not _DONE:
+                return instance
             pending = scope._pending.get(self)
             if pending is not None:
                 try:
@@ -291,6 +317,7 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                         "by a sync `with request_scope()`, which cannot await its teardown; use "
                         "`async with request_scope()` (or the decorator on an async function)"
                     )
+                self._created_async = True
                 future: asyncio.Future[Any] = loop.create_future()
                 scope._pending[self] = future
                 creation = self._finish_async(scope, result, future)

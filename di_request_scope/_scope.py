@@ -40,11 +40,16 @@ _current: ContextVar[RequestScope | None] = ContextVar("di_request_scope", defau
 
 
 class _Finalizer(NamedTuple):
-    """One teardown step: ``run(failure)`` returns None, or an awaitable when ``is_async``."""
+    """One teardown step: ``run(failure)`` returns None, or an awaitable when ``is_async``.
+
+    ``blocks(failure)``, when given, tells whether a sync step may block on I/O;
+    without it every sync step is assumed to block and runs in a worker thread.
+    """
 
     name: str
     is_async: bool
     run: Callable[[BaseException | None], Any]
+    blocks: Callable[[BaseException | None], bool] | None = None
 
 
 Hook = Callable[[], "Awaitable[None] | None"]
@@ -211,7 +216,10 @@ class RequestScope:
             while j < len(finalizers) and not finalizers[j].is_async:
                 j += 1
             batch = finalizers[i:j]
-            errors.extend(await _to_thread(functools.partial(_run_sync_batch, batch, failure)))
+            if all(fin.blocks is not None and not fin.blocks(failure) for fin in batch):
+                errors.extend(_run_sync_batch(batch, failure))  # no I/O: a thread hop costs more
+            else:
+                errors.extend(await _to_thread(functools.partial(_run_sync_batch, batch, failure)))
             i = j
         return errors
 
@@ -386,10 +394,14 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         tb: TracebackType | None,
     ) -> None:
         scope, token = self._take()
+        cancelled = False
         try:
             if exc is not None:
                 scope.fail(exc)
-            errors, cancelled = await _shield(scope.aclose)
+            if scope._close_if_nothing_to_tear_down():
+                errors: list[BaseException] = []
+            else:
+                errors, cancelled = await _shield(scope.aclose)
         finally:
             _current.reset(token)
         if cancelled:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from sqlalchemy import create_engine
@@ -88,12 +89,12 @@ def _rollback_only_error(session: AnySession) -> RollbackOnlyError | None:
 
 
 @overload
-def unit_of_work(session_factory: Callable[[], Session]) -> Iterator[Session]: ...
+def unit_of_work(session_factory: Callable[[], Session]) -> AbstractContextManager[Session]: ...
 @overload
 def unit_of_work(session_factory: Callable[[], AsyncSession]) -> AsyncIterator[AsyncSession]: ...
 def unit_of_work(
     session_factory: Callable[[], AnySession],
-) -> Iterator[Session] | AsyncIterator[AsyncSession]:
+) -> AbstractContextManager[Session] | AsyncIterator[AsyncSession]:
     """Initializer for ``RequestScoped``: one session per scope, committed by the outcome.
 
     ``RequestScoped(unit_of_work, SessionLocal)`` gives each request one
@@ -119,27 +120,46 @@ def unit_of_work(
             f"{type(session).__name__} from {session_factory!r}"
         )
     session.info[_UNIT_OF_WORK] = True
-    return _sync_unit_of_work(session, scope)
+    return _SyncUnitOfWork(session, scope)
 
 
-def _sync_unit_of_work(session: Session, scope: RequestScope) -> Iterator[Session]:
-    async def commit_before_response() -> None:
-        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
-            await _to_thread(functools.partial(_commit, session))
+class _SyncUnitOfWork:
+    """The sync unit of work as a context manager, so teardown can tell when it needs no thread.
 
-    if not scope.response_started:  # created after the status: commit at teardown only
-        scope.call_before_response(commit_before_response)
-    try:
-        yield session
-    except BaseException:
-        session.rollback()
-        raise
-    else:
-        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
-            _commit(session, late=scope.response_started)
-    finally:
-        session.info.pop(_ROLLBACK_ONLY, None)
-        session.close()
+    After the commit before the response the session holds no connection, and
+    closing it does no I/O: the scope then closes it on the event loop instead of
+    paying for a worker thread.
+    """
+
+    __slots__ = ("scope", "session")
+
+    def __init__(self, session: Session, scope: RequestScope) -> None:
+        self.session = session
+        self.scope = scope
+        if not scope.response_started:  # created after the status: commit at teardown only
+            scope.call_before_response(self._commit_before_response)
+
+    async def _commit_before_response(self) -> None:
+        if self.session.in_transaction() or self.session.info.get(_ROLLBACK_ONLY):
+            await _to_thread(functools.partial(_commit, self.session))
+
+    def __enter__(self) -> Session:
+        return self.session
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        session = self.session
+        try:
+            if exc is not None:
+                session.rollback()
+            elif session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+                _commit(session, late=self.scope.response_started)
+        finally:
+            session.info.pop(_ROLLBACK_ONLY, None)
+            session.close()
+
+    def _di_request_scope_blocks(self, failure: BaseException | None) -> bool:
+        # Only a transaction to commit or roll back talks to the database.
+        return self.session.in_transaction() or bool(self.session.info.get(_ROLLBACK_ONLY))
 
 
 def _commit(session: Session, *, late: bool = False) -> None:

@@ -640,3 +640,49 @@ def test_pool_exhaustion_gives_a_clear_error_not_a_hang(postgres_url: str) -> No
         holder.join(30)
     assert engine.pool.checkedout() == 0
     engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_teardown_skips_the_worker_thread_only_when_there_is_nothing_to_commit_or_roll_back(
+    tmp_path: Any,
+) -> None:
+    """After the early commit, close() runs on the loop (no I/O); a rollback still runs in a worker thread."""
+    import httpx
+
+    closes: list[tuple[int, bool]] = []
+
+    class RecordingSession(Session):
+        def close(self) -> None:
+            closes.append((threading.get_ident(), self.in_transaction()))
+            super().close()
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'threads.sqlite3'}")
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(
+            unit_of_work, providers.Object(sessionmaker(bind=engine, class_=RecordingSession))
+        )
+
+    container = Container()
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+    loop_threads: list[int] = []
+
+    @app.get("/query")
+    async def query(fail: bool = False) -> dict[str, int]:
+        loop_threads.append(threading.get_ident())
+        value = container.session().execute(select(1)).scalar_one()
+        if fail:
+            raise HTTPException(409)
+        return {"value": value}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/query")).status_code == 200
+        assert (await client.get("/query", params={"fail": True})).status_code == 409
+    (ok_thread, ok_in_tx), (failed_thread, _) = closes
+    assert ok_thread == loop_threads[0]  # committed before the response: closing does no I/O
+    assert not ok_in_tx
+    assert failed_thread != loop_threads[1]  # the rollback talks to the database: off the loop
+    assert engine.pool.checkedout() == 0
+    engine.dispose()

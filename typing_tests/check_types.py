@@ -112,3 +112,12 @@ async def decorated_async_job(n: int) -> str:
 async def decorated_uses() -> None:
     assert_type(decorated_job(1), str)
     assert_type(await decorated_async_job(1), str)
+
+
+def unit_of_work_types(engine: Engine) -> None:
+    from di_request_scope.sqlalchemy import unit_of_work
+
+    factory: sessionmaker[Session] = sessionmaker(bind=engine)
+    uow = RequestScoped(unit_of_work, factory)
+    session: Session = uow()
+    assert session is not None

@@ -1,0 +1,111 @@
+"""di_request_scope.fastapi: markers that FastAPI awaits on the event loop instead of its threadpool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from dependency_injector import containers, providers, wiring
+from dependency_injector.wiring import inject
+from fastapi import Depends, FastAPI
+
+from di_request_scope import RequestScoped, RequestScopeMiddleware
+from di_request_scope.fastapi import Closing, Provide, Provider
+
+WAIT = 10  # bounds a wait only a bug makes long
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Container(containers.DeclarativeContainer):
+    thing = RequestScoped(object)
+    things = providers.List(thing, thing)
+
+
+app = FastAPI()
+app.add_middleware(RequestScopeMiddleware)
+
+
+@app.get("/fast")
+@inject
+async def fast(
+    first: object = Depends(Provide[Container.thing]),
+    second: object = Depends(Provide[Container.thing]),
+    provider: Any = Depends(Provider[Container.thing]),
+) -> dict[str, bool]:
+    return {"same": first is second, "provider": provider() is first}
+
+
+@app.get("/classic")
+@inject
+async def classic(first: object = Depends(wiring.Provide[Container.thing])) -> dict[str, bool]:
+    return {"same": first is not None}
+
+
+@pytest.fixture
+def wired() -> Iterator[Container]:
+    container = Container()
+    container.wire(modules=[__name__])
+    yield container
+    container.unwire()
+
+
+@pytest.fixture
+async def no_free_worker_thread() -> AsyncIterator[None]:
+    """Hold the only token of anyio's default thread limiter: any threadpool call now waits."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    limiter.total_tokens = 1
+    borrower = object()
+    await limiter.acquire_on_behalf_of(borrower)
+    try:
+        yield
+    finally:
+        limiter.release_on_behalf_of(borrower)
+        limiter.total_tokens = total
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_markers_are_dependency_injector_markers() -> None:
+    """The drop-ins subclass dependency-injector's markers, so wiring treats them as its own."""
+    assert isinstance(Provide[Container.thing], wiring.Provide)
+    assert isinstance(Provider[Container.thing], wiring.Provider)
+    assert isinstance(Closing[Provide[Container.thing]], wiring.Closing)
+
+
+@pytest.mark.anyio
+async def test_injection_needs_no_worker_thread(wired: Container, no_free_worker_thread: None) -> None:
+    """With every worker thread taken, an async endpoint using the drop-in Provide still answers."""
+    async with client() as http:
+        with anyio.fail_after(WAIT):
+            response = await http.get("/fast")
+    assert response.json() == {"same": True, "provider": True}
+
+
+@pytest.mark.anyio
+async def test_classic_provide_waits_for_a_worker_thread(
+    wired: Container, no_free_worker_thread: None
+) -> None:
+    """The contrast: dependency-injector's own Provide marker is run in the threadpool, so it waits."""
+    async with client() as http:
+        with anyio.move_on_after(0.5) as waited:
+            await http.get("/classic")
+    assert waited.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_classic_provide_still_works_with_threads_free(wired: Container) -> None:
+    """Both spellings inject the request's instance when threads are available."""
+    async with client() as http:
+        assert (await http.get("/classic")).json() == {"same": True}
+        assert (await http.get("/fast")).json() == {"same": True, "provider": True}
