@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -148,6 +149,15 @@ def build_sync_app(db: Db) -> tuple[FastAPI, Any]:
         tasks.add_task(lambda: container.session().add(Note(late)))
         return {"queued": late}
 
+    @app.post("/notes/background-only", status_code=202)
+    def background_only(late: str, tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(lambda: container.session().add(Note(late)))
+        return {"queued": late}
+
+    @app.get("/notes/count")
+    def count() -> dict[str, int]:
+        return {"count": len(container.session().execute(select(db.table.c.id)).all())}
+
     return app, container
 
 
@@ -208,7 +218,30 @@ def build_async_app(db: Db) -> tuple[FastAPI, Any]:
         tasks.add_task(write_late)
         return {"queued": late}
 
+    @app.post("/notes/background-only", status_code=202)
+    async def background_only(late: str, tasks: BackgroundTasks) -> dict[str, str]:
+        async def write_late() -> None:
+            (await session()).add(Note(late))
+
+        tasks.add_task(write_late)
+        return {"queued": late}
+
+    @app.get("/notes/count")
+    async def count() -> dict[str, int]:
+        return {"count": len((await (await session()).execute(select(db.table.c.id))).all())}
+
     return app, container
+
+
+def running_engine(client: TestClient, container: Any) -> Engine:
+    """The app's engine; an async Resource must be awaited on the app's own loop."""
+    if not container.engine.is_async_mode_enabled():
+        return container.engine()  # type: ignore[no-any-return]
+
+    async def resolve() -> Any:
+        return await container.engine()
+
+    return client.portal.call(resolve)  # type: ignore[union-attr,no-any-return]
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -264,6 +297,35 @@ def test_background_task_writes_are_committed(db: Db, client: TestClient) -> Non
     assert db.texts() == ["early", "late"]
 
 
+def test_session_first_used_in_a_background_task_is_committed_at_teardown(db: Db, client: TestClient) -> None:
+    """A session created after the status was sent registers no hook and is committed at teardown."""
+    response = client.post("/notes/background-only", params={"late": "late"})
+    assert response.status_code == 202
+    assert db.texts() == ["late"]
+
+
+def test_many_concurrent_requests_leave_no_connection_checked_out(
+    db: Db, app_and_container: tuple[FastAPI, Any]
+) -> None:
+    """After a burst of concurrent reads and writes every pooled connection is back: checkedout() == 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, container = app_and_container
+    with TestClient(app) as client:
+
+        def one(i: int) -> int:
+            if i % 2:
+                return client.post("/notes", json=[f"n{i}"]).status_code
+            return client.get("/notes/count").status_code
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(one, range(200)))
+        engine = running_engine(client, container)
+        assert engine.pool.checkedout() == 0
+    assert sorted(set(statuses)) == [200, 201]
+    assert len(db.texts()) == 100
+
+
 def test_failed_late_commit_is_logged_loudly(
     db: Db, client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -287,15 +349,7 @@ def test_lifespan_disposes_the_engine_and_leaves_no_connection(
     with TestClient(app) as client:
         for i in range(5):
             assert client.post("/notes", json=[f"n{i}"]).status_code == 201
-        engine = container.engine
-        if engine.is_async_mode_enabled():  # an async Resource must be awaited on the app's loop
-
-            async def resolve() -> Any:
-                return await container.engine()
-
-            engine = client.portal.call(resolve)  # type: ignore[union-attr]
-        else:
-            engine = container.engine()
+        engine = running_engine(client, container)
         pool = engine.pool
         assert pool.checkedout() == 0
     # After shutdown the pool was disposed: a fresh pool object with nothing checked in.
@@ -686,3 +740,54 @@ async def test_teardown_skips_the_worker_thread_only_when_there_is_nothing_to_co
     assert failed_thread != loop_threads[1]  # the rollback talks to the database: off the loop
     assert engine.pool.checkedout() == 0
     engine.dispose()
+
+
+class AsyncNoteService:
+    """The async twin of NoteService."""
+
+    def __init__(self, session: AsyncSession, model: type[Any]) -> None:
+        self.session = session
+        self.model = model
+
+    @transactional
+    async def add(self, text: str, *, fail: bool = False) -> None:
+        self.session.add(self.model(text))
+        await self.session.flush()
+        if fail:
+            raise ValueError(f"cannot add {text}")
+
+    @transactional(savepoint=True)
+    async def try_add(self, text: str, *, fail: bool = False) -> None:
+        await self.add(text, fail=fail)
+
+
+@pytest.mark.anyio
+async def test_async_transactional_joins_marks_rollback_only_and_uses_savepoints(db: Db) -> None:
+    """AsyncSession: joined calls commit with the scope, a savepoint undoes a call, swallowing rolls back."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(db.async_url)
+    if not db.is_postgres:
+        _enable_sqlite_savepoints(engine.sync_engine)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(async_sessionmaker(bind=engine)))
+        service = providers.Factory(AsyncNoteService, session=session, model=providers.Object(db.model))
+
+    container = Container()
+    try:
+        async with request_scope():
+            await (await container.service()).add("kept")
+            with pytest.raises(ValueError, match="cannot add undone"):
+                await (await container.service()).try_add("undone", fail=True)
+            await (await container.service()).try_add("also kept")
+        assert db.texts() == ["also kept", "kept"]
+
+        with pytest.raises(RollbackOnlyError):
+            async with request_scope():
+                await (await container.service()).add("half")
+                with contextlib.suppress(ValueError):
+                    await (await container.service()).add("failed", fail=True)
+        assert db.texts() == ["also kept", "kept"]
+    finally:
+        await engine.dispose()
