@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import AbstractContextManager
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
@@ -37,8 +36,54 @@ class _ProviderOfFactory(Protocol[T_co]):
     def __call__(self, *args: Any, **kwargs: Any) -> Callable[..., T_co]: ...
 
 
-class _CreationAbortedError(Exception):
-    """Tells tasks waiting on a shared creation that its creator was cancelled."""
+class _Pending:
+    """An async creation shared by every resolution in one scope until it completes.
+
+    It runs as a task started by whichever resolution is *awaited* first: a
+    resolution that is never awaited (dependency-injector hands un-awaited
+    coroutines to providers stuck in sync mode) must not leave the others waiting
+    on it forever. Cancelling the resolution that started it aborts the creation
+    (a request that is cancelled stops connecting), and the others start over;
+    cancelling any other awaiter leaves the creation alone.
+    """
+
+    __slots__ = ("loop", "provider", "result", "scope", "task")
+
+    def __init__(
+        self, provider: RequestScoped[Any], scope: RequestScope, result: Any, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.provider = provider
+        self.scope = scope
+        self.result = result
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None
+
+    async def join(self) -> Any:
+        if asyncio.get_running_loop() is not self.loop:
+            raise ScopeMisuseError(
+                f"{self.provider._name} is being created on another event loop; a request scope "
+                "belongs to one event loop"
+            )
+        if self.task is None:
+            self.task = self.loop.create_task(self.provider._finish_async(self.scope, self.result))
+            self.task.add_done_callback(_retrieve)
+            return await self.task
+        await asyncio.wait((self.task,))  # never cancels the task, unlike awaiting it
+        if self.task.cancelled():  # its starter was cancelled: start over
+            result = self.provider._provide((), {})
+            return await result if inspect.isawaitable(result) else result
+        return self.task.result()
+
+    def abandon(self) -> None:
+        """The scope closed before anyone awaited the creation: release what the factory returned."""
+        if self.task is None:
+            _discard(self.result)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # Every awaiter sees the error; this only stops asyncio logging it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 def _call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -270,15 +315,8 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         instance = scope._instances.get(self, _DONE)
         if instance is _DONE:
             return self._create(scope, args, kwargs)
-        if self._created_async:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                raise ScopeMisuseError(
-                    f"{self._name} was created asynchronously, so dependency-injector returns an "
-                    "awaitable for it, but it was resolved from a thread with no running event loop; "
-                    "resolve it from async code"
-                ) from None
+        if self._created_async:  # dependency-injector will wrap it in an awaitable
+            _require_loop(self._name, "was created asynchronously")
         return instance
 
     def _create(self, scope: RequestScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -290,14 +328,8 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 return instance
             pending = scope._pending.get(self)
             if pending is not None:
-                try:
-                    asyncio.get_running_loop()
-                except RuntimeError:
-                    raise ScopeMisuseError(
-                        f"{self._name} is being created asynchronously and was resolved from a thread "
-                        "with no running event loop; resolve it from async code"
-                    ) from None
-                return self._await_pending(scope, pending, args, kwargs)
+                _require_loop(self._name, "is being created asynchronously")
+                return pending.join()
             result = self._factory(*args, **kwargs)
             if _needs_await(result):
                 try:
@@ -318,75 +350,35 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                         "`async with request_scope()` (or the decorator on an async function)"
                     )
                 self._created_async = True
-                future: asyncio.Future[Any] = loop.create_future()
-                scope._pending[self] = future
-                creation = self._finish_async(scope, result, future)
-                # A resolution that is never awaited must not leave later ones waiting forever.
-                weakref.finalize(creation, _abandon, scope, self, future, result)
-                return creation
+                pending = scope._pending[self] = _Pending(self, scope, result, loop)
+                return pending.join()
             instance, finalizer = _enter_sync(result, self._name)
             scope._store(self, instance, finalizer)
             return instance
 
-    async def _finish_async(self, scope: RequestScope, result: Any, future: asyncio.Future[Any]) -> Any:
+    async def _finish_async(self, scope: RequestScope, result: Any) -> Any:
         try:
             instance, finalizer = await _enter_async(result, self._name)
-        except BaseException as exc:
+        finally:
             with scope._lock:
                 scope._pending.pop(self, None)
-            future.set_exception(exc if isinstance(exc, Exception) else _CreationAbortedError())
-            future.exception()  # mark retrieved: nobody may be waiting
-            raise
-        with scope._lock:
-            scope._pending.pop(self, None)
-            stored = scope._store(self, instance, finalizer)
-        if not stored:
+        if not scope._store(self, instance, finalizer):
             # The scope closed while we awaited: tear the orphan down now, leak nothing.
             error = NoRequestScopeError(closed_scope_message(self._name))
             if finalizer is not None:
                 await finalizer.run(error) if finalizer.is_async else finalizer.run(error)
-            future.set_exception(error)
-            future.exception()
             raise error
-        future.set_result(instance)
         return instance
 
-    async def _await_pending(
-        self,
-        scope: RequestScope,
-        future: asyncio.Future[Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if future.get_loop() is not asyncio.get_running_loop():
-            raise ScopeMisuseError(
-                f"{self._name} is being created on another event loop; a request scope belongs to "
-                "one event loop"
-            )
-        try:
-            # shield: a waiter being cancelled must not cancel the shared creation.
-            return await asyncio.shield(future)
-        except _CreationAbortedError:
-            result = self._provide(args, kwargs)  # the creator was cancelled: try again
-            return await result if inspect.isawaitable(result) else result
 
-
-def _abandon(scope: RequestScope, key: RequestScoped[Any], future: asyncio.Future[Any], result: Any) -> None:
-    if future.done():
-        return
-    _discard(result)
-    with scope._lock:
-        if scope._pending.get(key) is future:
-            del scope._pending[key]
-    error = ScopeMisuseError(
-        f"{key._name} was resolved but the awaitable it returned was never awaited; "
-        "`await container.x()` (or let @inject await it)"
-    )
+def _require_loop(name: str, what: str) -> None:
     try:
-        future.set_exception(error)
-        future.exception()
-    except RuntimeError:  # its event loop is already closed: nobody can be waiting
-        pass
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ScopeMisuseError(
+            f"{name} {what}, but it was resolved from a thread with no running event loop (a sync "
+            "endpoint or dependency); resolve it from async code"
+        ) from None
 
 
 def _discard(result: Any) -> None:

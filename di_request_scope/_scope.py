@@ -80,8 +80,8 @@ class RequestScope:
     def __init__(self) -> None:
         # provider -> instance; read without the lock on the hot path.
         self._instances: dict[object, object] = {}
-        # provider -> asyncio.Future of an async creation in flight.
-        self._pending: dict[object, asyncio.Future[Any]] = {}
+        # provider -> its async creation in flight (_provider._Pending).
+        self._pending: dict[object, Any] = {}
         self._finalizers: list[_Finalizer] = []
         self._before_response: list[Hook] = []
         # Reentrant: a factory may resolve another request-scoped provider.
@@ -174,6 +174,8 @@ class RequestScope:
             if self._closed:
                 raise ScopeMisuseError(f"{self!r} is already closed; a scope is closed exactly once")
             self._closed = True
+            for pending in self._pending.values():
+                pending.abandon()
             finalizers = self._finalizers[::-1]
             self._finalizers = []
             self._before_response = []
@@ -410,37 +412,35 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         raise_teardown_errors(errors, exc)
 
     def __call__(self, func: F) -> F:
+        wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(func):
 
-            @functools.wraps(func)
-            async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 async with request_scope():
                     async for item in func(*args, **kwargs):
                         yield item
 
-            return cast("F", async_gen_wrapper)
+        elif inspect.isgeneratorfunction(func):
 
-        if inspect.isgeneratorfunction(func):
-
-            @functools.wraps(func)
-            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
                 with request_scope():
                     return (yield from func(*args, **kwargs))
 
-            return cast("F", gen_wrapper)
+        elif inspect.iscoroutinefunction(func):
 
-        if inspect.iscoroutinefunction(func):
-
-            @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 async with request_scope():
                     return await func(*args, **kwargs)
 
-            return cast(F, async_wrapper)
+        else:
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with request_scope():
-                return func(*args, **kwargs)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                with request_scope():
+                    return func(*args, **kwargs)
 
-        return cast(F, wrapper)
+        functools.update_wrapper(wrapper, func)
+        # Hide the wrapped signature: otherwise container.wire() finds its Provide[...]
+        # markers and injects them again, outside this scope. An inner @inject
+        # resolves them inside it.
+        delattr(wrapper, "__wrapped__")
+        return cast("F", wrapper)

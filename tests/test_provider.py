@@ -1287,3 +1287,30 @@ async def test_a_resolution_that_is_never_awaited_does_not_block_later_ones() ->
             instance = await provider()
         assert instance is made[-1]
         assert await provider() is instance
+
+
+@pytest.mark.anyio
+async def test_a_resolution_kept_but_never_awaited_does_not_block_the_next_one() -> None:
+    """A provider pinned to sync mode keeps an un-awaited resolution; the next resolution still completes."""
+
+    async def connect() -> object:
+        return object()
+
+    class Repo:
+        def __init__(self, session: Any) -> None:
+            self.session = session
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(connect)
+        users = providers.Factory(Repo, session=session)
+        notes = providers.Factory(Repo, session=session)
+
+    container = Container()
+    with container.users.override(providers.Factory(Repo, session=None)):
+        async with request_scope():
+            container.users()  # dependency-injector now treats `users` as sync for good
+    async with request_scope():
+        stuck = container.users()  # holds the un-awaited resolution of `session`
+        with anyio.fail_after(30):  # a guard: the bug this test catches is a hang
+            notes = await container.notes()
+        assert notes.session is await stuck.session  # one instance, whoever awaited first

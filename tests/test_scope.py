@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from dependency_injector import containers
+from dependency_injector.wiring import Provide, inject
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -723,3 +725,25 @@ async def test_decorator_on_an_async_generator_function_keeps_the_scope_open_whi
 
     assert [row async for row in rows()] == ["aconn", "aconn"]
     assert log == [("aconn", None)]
+
+
+class WiredContainer(containers.DeclarativeContainer):
+    thing = RequestScoped(object)
+
+
+@request_scope()
+@inject
+def wired_job(thing: object = Provide[WiredContainer.thing]) -> object:
+    return thing
+
+
+def test_decorated_function_with_provide_markers_is_injected_inside_its_scope() -> None:
+    """`@request_scope()` over `@inject`: container.wire() does not re-inject outside the scope."""
+    container = WiredContainer()
+    container.wire(modules=[__name__])
+    try:
+        first, second = wired_job(), wired_job()
+    finally:
+        container.unwire()
+    assert type(first) is object  # the instance, not the Provide marker
+    assert first is not second  # each call had its own scope
