@@ -65,6 +65,8 @@ class _Pending:
                 "belongs to one event loop"
             )
         if self.task is None:
+            if self.scope._closed:  # abandon() already discarded the factory's result
+                raise NoRequestScopeError(closed_scope_message(self.provider._name))
             self.task = self.loop.create_task(self.provider._finish_async(self.scope, self.result))
             self.task.add_done_callback(_retrieve)
             return await self.task
@@ -227,15 +229,15 @@ class RequestScoped(providers.Provider[T], Generic[T]):
     @overload
     def __init__(self, provides: _ProviderOfFactory[T], *args: Any, **kwargs: Any) -> None: ...
     @overload
+    def __init__(
+        self, provides: Callable[..., AbstractContextManager[T]], *args: Any, **kwargs: Any
+    ) -> None: ...
+    @overload
     def __init__(self, provides: Callable[..., Iterator[T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., AsyncIterator[T]], *args: Any, **kwargs: Any) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> None: ...
-    @overload
-    def __init__(
-        self, provides: Callable[..., AbstractContextManager[T]], *args: Any, **kwargs: Any
-    ) -> None: ...
     @overload
     def __init__(self, provides: Callable[..., T], *args: Any, **kwargs: Any) -> None: ...
     def __init__(self, provides: Any, *args: Any, **kwargs: Any) -> None:

@@ -416,15 +416,77 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         if inspect.isasyncgenfunction(func):
 
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                async with request_scope():
-                    async for item in func(*args, **kwargs):
-                        yield item
+                # The scope is set only while the generator runs: a generator shares
+                # its consumer's context, which must not see (or lose) the scope.
+                scope, gen, error = RequestScope(), func(*args, **kwargs), None
+                try:
+                    sent: Any = None
+                    thrown: BaseException | None = None
+                    while True:
+                        token = _current.set(scope)
+                        try:
+                            item = await (gen.athrow(thrown) if thrown is not None else gen.asend(sent))
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            _current.reset(token)
+                        sent = thrown = None
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            token = _current.set(scope)
+                            try:
+                                await gen.aclose()
+                            finally:
+                                _current.reset(token)
+                            raise
+                        except BaseException as exc:  # noqa: BLE001 - forwarded into the generator
+                            thrown = exc
+                except BaseException as exc:
+                    error = exc
+                    scope.fail(exc)
+                    raise
+                finally:
+                    errors, cancelled = await _shield(scope.aclose)
+                    if cancelled:
+                        raise_teardown_errors(errors, asyncio.CancelledError())
+                        raise asyncio.CancelledError  # re-raise what teardown absorbed
+                    raise_teardown_errors(errors, error)
 
         elif inspect.isgeneratorfunction(func):
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with request_scope():
-                    return (yield from func(*args, **kwargs))
+                scope, gen, error = RequestScope(), func(*args, **kwargs), None
+                scope._sync_only = True
+                try:
+                    sent: Any = None
+                    thrown: BaseException | None = None
+                    while True:
+                        token = _current.set(scope)
+                        try:
+                            item = gen.throw(thrown) if thrown is not None else gen.send(sent)
+                        except StopIteration as stop:
+                            return stop.value
+                        finally:
+                            _current.reset(token)
+                        sent = thrown = None
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            token = _current.set(scope)
+                            try:
+                                gen.close()
+                            finally:
+                                _current.reset(token)
+                            raise
+                        except BaseException as exc:  # noqa: BLE001 - forwarded into the generator
+                            thrown = exc
+                except BaseException as exc:
+                    error = exc
+                    scope.fail(exc)
+                    raise
+                finally:
+                    raise_teardown_errors(scope.close(), error)
 
         elif inspect.iscoroutinefunction(func):
 

@@ -84,8 +84,13 @@ class RequestScopeMiddleware:
                 message = await receive()
             finally:
                 receiving -= 1
-            if message["type"] == "http.disconnect" and not complete:
+            kind = message["type"]
+            if kind == "http.disconnect" and not complete:
                 client_gone = True
+            elif kind == "websocket.disconnect":
+                code = message.get("code", 1005)
+                if code not in _NORMAL_CLOSE_CODES:
+                    request_scope.fail(RequestFailed(f"the client closed the WebSocket with code {code}"))
             return message
 
         async def client_left() -> bool:

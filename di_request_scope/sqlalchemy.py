@@ -270,7 +270,8 @@ def transactional(
                 sess = get_session(args)
                 if inspect.isawaitable(sess):
                     sess = await sess
-                if savepoint:
+                joins = sess.in_transaction() or sess.info.get(_UNIT_OF_WORK)
+                if savepoint and joins:
                     marked = _ROLLBACK_ONLY in sess.info
                     try:
                         async with sess.begin_nested():
@@ -278,7 +279,7 @@ def transactional(
                     except BaseException:
                         _forget_inner_failures(sess, marked)
                         raise
-                if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
+                if joins:
                     try:
                         return await fn(*args, **kwargs)
                     except BaseException as exc:
@@ -292,7 +293,8 @@ def transactional(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             sess = get_session(args)
-            if savepoint:
+            joins = sess.in_transaction() or sess.info.get(_UNIT_OF_WORK)
+            if savepoint and joins:
                 marked = _ROLLBACK_ONLY in sess.info
                 try:
                     with sess.begin_nested():
@@ -300,7 +302,7 @@ def transactional(
                 except BaseException:
                     _forget_inner_failures(sess, marked)
                     raise
-            if sess.in_transaction() or sess.info.get(_UNIT_OF_WORK):
+            if joins:
                 try:
                     return fn(*args, **kwargs)
                 except BaseException as exc:

@@ -2079,3 +2079,34 @@ async def test_a_before_response_hook_registered_after_the_status_was_sent_is_re
         assert (await client.get("/stream")).text == "started"
     assert len(outcome) == 1
     assert "already started" in str(outcome[0])
+
+
+@pytest.mark.parametrize(("code", "failed"), [(1000, False), (1001, False), (1011, True)])
+def test_websocket_the_client_closes_abnormally_is_a_failure(code: int, failed: bool) -> None:
+    """A client close with a code other than 1000/1001 is a failure, even when the app catches it."""
+    tracker = Tracker()
+    thing = RequestScoped(tracker.resource, "thing")
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+    disconnected = threading.Event()
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        thing()
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            disconnected.set()
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as websocket:
+            websocket.send_text("hi")
+            websocket.close(code=code)
+        assert disconnected.wait(WAIT)
+    assert tracker.torn_down.wait(WAIT)
+    failure = tracker.failure_of("thing")
+    assert isinstance(failure, RequestFailed) is failed
+    if failed:
+        assert str(code) in str(failure)

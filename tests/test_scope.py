@@ -747,3 +747,64 @@ def test_decorated_function_with_provide_markers_is_injected_inside_its_scope() 
         container.unwire()
     assert type(first) is object  # the instance, not the Provide marker
     assert first is not second  # each call had its own scope
+
+
+def test_decorated_generator_keeps_its_scope_out_of_the_callers_context() -> None:
+    """Between iterations the caller keeps its own scope; interleaved decorated generators keep theirs."""
+    made: list[object] = []
+    session = RequestScoped(lambda: made.append(object()) or made[-1])
+
+    @request_scope()
+    def rows(n: int) -> Iterator[object]:
+        for _ in range(n):
+            yield session()
+
+    with request_scope() as outer:
+        mine = session()
+        generator = rows(2)
+        first = next(generator)
+        assert current_scope() is outer
+        assert session() is mine
+        assert first is not mine
+        assert list(generator) == [first]
+
+    g1, g2 = rows(2), rows(2)
+    a, b = next(g1), next(g2)
+    assert list(g1) == [a]
+    assert list(g2) == [b]  # g1 finishing did not take g2's scope away
+    with pytest.raises(NoRequestScopeError):
+        current_scope()  # and nothing leaked into this context
+
+
+@pytest.mark.anyio
+async def test_decorated_async_generator_keeps_its_scope_out_of_the_callers_context() -> None:
+    """The async twin: the consumer's context never sees the generator's scope."""
+    made: list[object] = []
+    session = RequestScoped(lambda: made.append(object()) or made[-1])
+
+    @request_scope()
+    async def rows(n: int) -> AsyncIterator[object]:
+        for _ in range(n):
+            yield session()
+
+    async with request_scope() as outer:
+        mine = session()
+        generator = rows(2)
+        first = await generator.__anext__()
+        assert current_scope() is outer
+        assert session() is mine
+        assert [row async for row in generator] == [first]
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_kept_resolution_after_its_scope_closed_raises_no_request_scope_error() -> None:
+    """An un-awaited resolution outliving its scope fails with the closed-scope error, not RuntimeError."""
+
+    async def make() -> str:
+        return "conn"
+
+    provider = RequestScoped(make)
+    async with request_scope():
+        kept = provider()
+    with pytest.raises(NoRequestScopeError, match="already closed"):
+        await kept

@@ -791,3 +791,14 @@ async def test_async_transactional_joins_marks_rollback_only_and_uses_savepoints
         assert db.texts() == ["also kept", "kept"]
     finally:
         await engine.dispose()
+
+
+def test_transactional_savepoint_on_a_plain_session_commits_its_own_transaction(db: Db) -> None:
+    """With no transaction to join, savepoint=True begins and commits one instead of a dangling SAVEPOINT."""
+    engine = create_engine(db.url)
+    with Session(engine) as session:
+        service = NoteService(session, db.model)
+        service.try_add("saved")
+        assert not session.in_transaction()
+    engine.dispose()
+    assert db.texts() == ["saved"]
