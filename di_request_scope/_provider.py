@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import AbstractContextManager
@@ -15,6 +16,7 @@ from ._scope import (
     RequestScope,
     _current,
     _Finalizer,
+    _to_thread,
     closed_scope_message,
     outside_scope_message,
 )
@@ -368,7 +370,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
             # The scope closed while we awaited: tear the orphan down now, leak nothing.
             error = NoRequestScopeError(closed_scope_message(self._name))
             if finalizer is not None:
-                await finalizer.run(error) if finalizer.is_async else finalizer.run(error)
+                if finalizer.is_async:
+                    await finalizer.run(error)
+                else:  # a rollback or close may block: keep it off the event loop
+                    await _to_thread(functools.partial(finalizer.run, error))
             raise error
         return instance
 

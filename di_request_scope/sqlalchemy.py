@@ -33,7 +33,7 @@ try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] ext
 except ImportError:  # pragma: no cover - the test extra installs it
     _AsyncSession = None  # type: ignore[assignment,misc]
 
-from ._scope import RequestScope, _to_thread, current_scope
+from ._scope import RequestScope, _shielded, _to_thread, current_scope
 from .exceptions import RequestScopeError
 
 __all__ = [
@@ -179,7 +179,8 @@ def _commit(session: Session, *, late: bool = False) -> None:
 async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> AsyncIterator[AsyncSession]:
     async def commit_before_response() -> None:
         if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
-            await _acommit(session)
+            # Shielded: a commit cut off half-way by a timeout would leave its outcome unknown.
+            await _shielded(functools.partial(_acommit, session))
 
     if not scope.response_started:  # created after the status: commit at teardown only
         scope.call_before_response(commit_before_response)
