@@ -5,6 +5,7 @@
     python3 dev.py serve   serve the example on http://127.0.0.1:8000 (try /docs)
     python3 dev.py test    lint, type-check and run the whole test suite (args go to pytest)
     python3 dev.py bench   run the benchmarks
+    python3 dev.py docs    build the documentation site into site/ (warnings are errors)
 
 Each command creates or reuses the virtualenv in .venv and installs what it needs
 into it (again only when pyproject.toml changed).
@@ -45,7 +46,8 @@ def ensure_venv(extra: str) -> None:
 
 def run(*args: str) -> int:
     print("$", " ".join(args), flush=True)
-    return subprocess.run(args, cwd=ROOT, check=False).returncode
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner is not our output
+    return subprocess.run(args, cwd=ROOT, check=False, env=env).returncode
 
 
 def test(pytest_args: list[str]) -> int:
@@ -56,6 +58,7 @@ def test(pytest_args: list[str]) -> int:
         (py, "-m", "ruff", "format", "--check", "."),
         (py, "-m", "mypy"),
         (py, "-m", "mypy", "--strict", "typing_tests"),
+        (py, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(VENV / "site")),
         (py, "-m", "benchmarks", "--smoke"),  # every benchmark still runs; its figures mean nothing
         (py, "-m", "pytest", *pytest_args),  # last, so its summary closes the output
     ]
@@ -78,6 +81,9 @@ def main(argv: list[str]) -> int:
         return run(str(PYTHON), "-m", "uvicorn", "examples.notes_app.main:app", "--host", "127.0.0.1", *rest)
     if command == "test":
         return test(rest)
+    if command == "docs":
+        ensure_venv("docs")
+        return run(str(PYTHON), "-m", "mkdocs", "build", "--strict", *rest)
     if command == "bench":
         ensure_venv("bench")
         return run(str(PYTHON), "-m", "benchmarks", *rest)
