@@ -14,7 +14,8 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, cast
@@ -329,6 +330,27 @@ def raise_teardown_errors(errors: list[BaseException], body_error: BaseException
     raise TeardownError(errors) from errors[0]
 
 
+@contextmanager
+def _inside(scope: RequestScope) -> Iterator[None]:
+    """Make ``scope`` current for one step of a decorated generator, then restore the caller's."""
+    token = _current.set(scope)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+async def _aclose_and_report(scope: RequestScope, body_error: BaseException | None) -> None:
+    """Tear an async scope down; raise or log its errors as ``request_scope()`` promises."""
+    if scope._close_if_nothing_to_tear_down():
+        return
+    errors, cancelled = await _shield(scope.aclose)
+    if cancelled:
+        raise_teardown_errors(errors, asyncio.CancelledError())  # logged: cancellation goes first
+        raise asyncio.CancelledError  # re-raise what teardown absorbed
+    raise_teardown_errors(errors, body_error)
+
+
 class request_scope:  # noqa: N801 - used like a function, as contextlib's helpers are
     """Open a request scope outside HTTP: jobs, CLI commands, tests.
 
@@ -396,20 +418,12 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         tb: TracebackType | None,
     ) -> None:
         scope, token = self._take()
-        cancelled = False
         try:
             if exc is not None:
                 scope.fail(exc)
-            if scope._close_if_nothing_to_tear_down():
-                errors: list[BaseException] = []
-            else:
-                errors, cancelled = await _shield(scope.aclose)
+            await _aclose_and_report(scope, exc)
         finally:
             _current.reset(token)
-        if cancelled:
-            raise_teardown_errors(errors, asyncio.CancelledError())  # logged: cancellation goes first
-            raise asyncio.CancelledError
-        raise_teardown_errors(errors, exc)
 
     def __call__(self, func: F) -> F:
         wrapper: Callable[..., Any]
@@ -423,22 +437,17 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
                     sent: Any = None
                     thrown: BaseException | None = None
                     while True:
-                        token = _current.set(scope)
                         try:
-                            item = await (gen.athrow(thrown) if thrown is not None else gen.asend(sent))
+                            with _inside(scope):
+                                item = await (gen.athrow(thrown) if thrown is not None else gen.asend(sent))
                         except StopAsyncIteration:
                             return
-                        finally:
-                            _current.reset(token)
                         sent = thrown = None
                         try:
                             sent = yield item
                         except GeneratorExit:
-                            token = _current.set(scope)
-                            try:
+                            with _inside(scope):
                                 await gen.aclose()
-                            finally:
-                                _current.reset(token)
                             raise
                         except BaseException as exc:  # noqa: BLE001 - forwarded into the generator
                             thrown = exc
@@ -447,11 +456,7 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
                     scope.fail(exc)
                     raise
                 finally:
-                    errors, cancelled = await _shield(scope.aclose)
-                    if cancelled:
-                        raise_teardown_errors(errors, asyncio.CancelledError())
-                        raise asyncio.CancelledError  # re-raise what teardown absorbed
-                    raise_teardown_errors(errors, error)
+                    await _aclose_and_report(scope, error)
 
         elif inspect.isgeneratorfunction(func):
 
@@ -462,22 +467,17 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
                     sent: Any = None
                     thrown: BaseException | None = None
                     while True:
-                        token = _current.set(scope)
                         try:
-                            item = gen.throw(thrown) if thrown is not None else gen.send(sent)
+                            with _inside(scope):
+                                item = gen.throw(thrown) if thrown is not None else gen.send(sent)
                         except StopIteration as stop:
                             return stop.value
-                        finally:
-                            _current.reset(token)
                         sent = thrown = None
                         try:
                             sent = yield item
                         except GeneratorExit:
-                            token = _current.set(scope)
-                            try:
+                            with _inside(scope):
                                 gen.close()
-                            finally:
-                                _current.reset(token)
                             raise
                         except BaseException as exc:  # noqa: BLE001 - forwarded into the generator
                             thrown = exc

@@ -32,6 +32,8 @@ from di_request_scope import (
     request_scope,
 )
 
+from .helpers import recording_async_generator, recording_generator
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -147,32 +149,6 @@ def fast_thread_switching() -> Iterator[None]:
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(old)
-
-
-def recording_generator(log: list[Any], name: str) -> Any:
-    """A generator initializer logging (name, failure) at teardown."""
-
-    def gen() -> Iterator[str]:
-        try:
-            yield name
-        except BaseException as exc:
-            log.append((name, exc))
-            raise
-        log.append((name, None))
-
-    return gen
-
-
-def recording_async_generator(log: list[Any], name: str) -> Any:
-    async def gen() -> AsyncIterator[str]:
-        try:
-            yield name
-        except BaseException as exc:
-            log.append((name, exc))
-            raise
-        log.append((name, None))
-
-    return gen
 
 
 async def wait_for(event: asyncio.Event, *tasks: asyncio.Future[Any]) -> None:

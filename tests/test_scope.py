@@ -27,6 +27,8 @@ from di_request_scope import (
     request_scope,
 )
 
+from .helpers import recording_async_generator, recording_generator
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -39,32 +41,6 @@ class Connection:
 
 class Abort(BaseException):
     """A BaseException that is not cancellation, like KeyboardInterrupt, safe to raise in tests."""
-
-
-def recording_generator(log: list[Any], name: str) -> Any:
-    """A generator initializer logging (name, failure) at teardown."""
-
-    def gen() -> Iterator[str]:
-        try:
-            yield name
-        except BaseException as exc:
-            log.append((name, exc))
-            raise
-        log.append((name, None))
-
-    return gen
-
-
-def recording_async_generator(log: list[Any], name: str) -> Any:
-    async def gen() -> AsyncIterator[str]:
-        try:
-            yield name
-        except BaseException as exc:
-            log.append((name, exc))
-            raise
-        log.append((name, None))
-
-    return gen
 
 
 def failing_generator(log: list[str], name: str, error: BaseException) -> Any:
