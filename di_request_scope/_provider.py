@@ -363,10 +363,14 @@ class RequestScoped(providers.Provider[T], Generic[T]):
     async def _finish_async(self, scope: RequestScope, result: Any) -> Any:
         try:
             instance, finalizer = await _enter_async(result, self._name)
-        finally:
+        except BaseException:
             with scope._lock:
                 scope._pending.pop(self, None)
-        if not scope._store(self, instance, finalizer):
+            raise
+        with scope._lock:  # one step: no resolver may see neither the creation nor its instance
+            scope._pending.pop(self, None)
+            stored = scope._store(self, instance, finalizer)
+        if not stored:
             # The scope closed while we awaited: tear the orphan down now, leak nothing.
             error = NoRequestScopeError(closed_scope_message(self._name))
             if finalizer is not None:
