@@ -27,7 +27,7 @@ from di_request_scope import (
     request_scope,
 )
 
-from .helpers import recording_async_generator, recording_generator
+from .helpers import recording_async_generator, recording_generator, wait_for
 
 
 @pytest.fixture
@@ -64,19 +64,6 @@ def teardown_logging_generator(log: list[str], name: str) -> Any:
             log.append(name)
 
     return gen
-
-
-async def wait_for(event: asyncio.Event, *tasks: asyncio.Future[Any]) -> None:
-    """Wait until ``event`` is set, failing at once (not hanging) if one of ``tasks`` ends first."""
-    waiting = asyncio.ensure_future(event.wait())
-    done, _ = await asyncio.wait({waiting, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-    if waiting in done:
-        return
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
-    for task in done:
-        task.result()  # re-raise what ended it
-    pytest.fail(f"a task ended before setting {event!r}")
 
 
 # --------------------------------------------------------------------------- nesting and current_scope
