@@ -111,16 +111,16 @@ def unit_of_work(
     """
     scope = current_scope()
     session = session_factory()
-    if _AsyncSession is not None and isinstance(session, _AsyncSession):
-        session.info[_UNIT_OF_WORK] = True
-        return _async_unit_of_work(session, scope)
-    if not isinstance(session, Session):
+    is_async = _AsyncSession is not None and isinstance(session, _AsyncSession)
+    if not is_async and not isinstance(session, Session):
         raise TypeError(
             f"unit_of_work needs a factory of Session or AsyncSession (a sessionmaker), got "
             f"{type(session).__name__} from {session_factory!r}"
         )
     session.info[_UNIT_OF_WORK] = True
-    return _SyncUnitOfWork(session, scope)
+    if is_async:
+        return _async_unit_of_work(session, scope)  # type: ignore[arg-type]
+    return _SyncUnitOfWork(session, scope)  # type: ignore[arg-type]
 
 
 class _SyncUnitOfWork:
@@ -140,7 +140,7 @@ class _SyncUnitOfWork:
             scope.call_before_response(self._commit_before_response)
 
     async def _commit_before_response(self) -> None:
-        if self.session.in_transaction() or self.session.info.get(_ROLLBACK_ONLY):
+        if _has_work(self.session):
             await _to_thread(functools.partial(_commit, self.session))
 
     def __enter__(self) -> Session:
@@ -151,7 +151,7 @@ class _SyncUnitOfWork:
         try:
             if exc is not None:
                 session.rollback()
-            elif session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+            elif _has_work(session):
                 _commit(session, late=self.scope.response_started)
         finally:
             session.info.pop(_ROLLBACK_ONLY, None)
@@ -159,7 +159,12 @@ class _SyncUnitOfWork:
 
     def _di_request_scope_blocks(self, failure: BaseException | None) -> bool:
         # Only a transaction to commit or roll back talks to the database.
-        return self.session.in_transaction() or bool(self.session.info.get(_ROLLBACK_ONLY))
+        return _has_work(self.session)
+
+
+def _has_work(session: AnySession) -> bool:
+    """A transaction to commit or roll back, or a rollback-only mark to report."""
+    return session.in_transaction() or _ROLLBACK_ONLY in session.info
 
 
 def _commit(session: Session, *, late: bool = False) -> None:
@@ -178,7 +183,7 @@ def _commit(session: Session, *, late: bool = False) -> None:
 
 async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> AsyncIterator[AsyncSession]:
     async def commit_before_response() -> None:
-        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+        if _has_work(session):
             # Shielded: a commit cut off half-way by a timeout would leave its outcome unknown.
             await _shielded(functools.partial(_acommit, session))
 
@@ -190,7 +195,7 @@ async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> Asy
         await session.rollback()
         raise
     else:
-        if session.in_transaction() or session.info.get(_ROLLBACK_ONLY):
+        if _has_work(session):
             await _acommit(session, late=scope.response_started)
     finally:
         session.info.pop(_ROLLBACK_ONLY, None)
