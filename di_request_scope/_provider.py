@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import AbstractContextManager
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
@@ -23,6 +24,9 @@ from ._scope import (
 from .exceptions import NoRequestScopeError, ScopeMisuseError
 
 __all__ = ["RequestScoped"]
+
+_current_get = _current.get
+_fast_lock = threading.Lock()
 
 T = TypeVar("T")
 
@@ -94,6 +98,26 @@ def _call(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     return func(*args, **kwargs)
 
 
+class _Generator:
+    """A generator handed through ``providers.Callable`` in a box.
+
+    Bare, it would look like a coroutine to dependency-injector (asyncio counts
+    generators as legacy coroutines), which would then check every later call's
+    arguments and result for awaitables.
+    """
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen: Generator[Any, Any, Any]) -> None:
+        self.gen = gen
+
+
+def _start_generator(
+    func: Callable[..., Generator[Any, Any, Any]], /, *args: Any, **kwargs: Any
+) -> _Generator:
+    return _Generator(func(*args, **kwargs))
+
+
 def _describe(obj: object) -> str:
     name = getattr(obj, "__qualname__", None)
     return name if isinstance(name, str) else type(obj).__qualname__
@@ -101,7 +125,12 @@ def _describe(obj: object) -> str:
 
 # Per-class answers: the creation path must not pay for ABC checks and failing
 # attribute lookups on every new instance.
-_NEEDS_AWAIT: dict[type, bool] = {GeneratorType: False, CoroutineType: True, AsyncGeneratorType: True}
+_NEEDS_AWAIT: dict[type, bool] = {
+    _Generator: False,
+    GeneratorType: False,
+    CoroutineType: True,
+    AsyncGeneratorType: True,
+}
 _IS_CONTEXT_MANAGER: dict[type, bool] = {}
 _DONE = object()
 
@@ -167,6 +196,8 @@ def _exit_args(failure: BaseException | None) -> tuple[Any, Any, Any]:
 
 def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     """Turn a factory's result into the instance and its teardown step."""
+    if type(result) is _Generator:
+        result = result.gen
     if isinstance(result, GeneratorType):
         try:
             instance = next(result)
@@ -174,7 +205,10 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
             raise ScopeMisuseError(
                 f"generator initializer of {name} returned without yielding an instance"
             ) from None
-        return instance, _Finalizer(name, False, lambda failure: _finish_generator(result, name, failure))
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function, and this is the hot path.
+        return instance, tuple.__new__(
+            _Finalizer, (name, False, functools.partial(_finish_generator, result, name), None)
+        )
     cls = type(result)
     if _is_context_manager(cls):
         instance = cls.__enter__(result)
@@ -253,10 +287,65 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         self._name = f"RequestScoped({_describe(provides)})"
         self._created_async = False
         if isinstance(provides, providers.Provider):
-            self._factory: providers.Provider[Any] = providers.Callable(_call, provides, *args, **kwargs)
+            self._factory: Callable[..., Any] = providers.Callable(_call, provides, *args, **kwargs)
+        elif not args and not kwargs:
+            # Nothing to inject: call it directly, with no providers.Callable in between.
+            self._factory = provides
+        elif inspect.isgeneratorfunction(provides):
+            self._factory = providers.Callable(_start_generator, provides, *args, **kwargs)
         else:
             self._factory = providers.Callable(provides, *args, **kwargs)
         super().__init__()
+
+    # True once a call found no overriding and async mode off, until either changes:
+    # later calls then return the scope's existing instance without the round trip
+    # through dependency-injector's Cython __call__ into the Python _provide.
+    _fast = False
+
+    @overload
+    def __call__(self, *args: Any, **kwargs: Any) -> T: ...
+    @overload
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[T]: ...  # type: ignore[overload-cannot-match]
+    def __call__(self, *args: Any, **kwargs: Any) -> T | Awaitable[T]:
+        if self._fast:  # like _provide, an existing instance ignores call-time arguments
+            scope = _current_get()
+            if scope is not None:
+                try:
+                    return scope._instances[self]  # type: ignore[return-value]
+                except KeyError:
+                    return self._create(scope, args, kwargs)  # type: ignore[no-any-return]
+        result: T = providers.Provider.__call__(self, *args, **kwargs)
+        if not self._fast:
+            with _fast_lock:  # not racing an override() in another thread
+                self._fast = self.last_overriding is None and self.is_async_mode_disabled()
+        return result
+
+    def override(self, provider: Any) -> Any:
+        with _fast_lock:
+            self._fast = False
+            return super().override(provider)
+
+    def reset_last_overriding(self) -> None:
+        with _fast_lock:
+            self._fast = False
+            super().reset_last_overriding()
+
+    def reset_override(self) -> None:
+        with _fast_lock:
+            self._fast = False
+            super().reset_override()
+
+    def enable_async_mode(self) -> None:
+        self._fast = False
+        super().enable_async_mode()
+
+    def disable_async_mode(self) -> None:
+        self._fast = False
+        super().disable_async_mode()
+
+    def reset_async_mode(self) -> None:
+        self._fast = False
+        super().reset_async_mode()
 
     def __set_name__(self, owner: type, name: str) -> None:
         # DeclarativeContainer attributes: errors then say "Container.db".
@@ -335,7 +424,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 _require_loop(self._name, "is being created asynchronously")
                 return pending.join()
             result = self._factory(*args, **kwargs)
-            if _needs_await(result):
+            needs_await = _NEEDS_AWAIT.get(type(result))
+            if needs_await is None:
+                needs_await = _needs_await(result)
+            if needs_await:
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:
@@ -357,7 +449,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 pending = scope._pending[self] = _Pending(self, scope, result, loop)
                 return pending.join()
             instance, finalizer = _enter_sync(result, self._name)
-            scope._store(self, instance, finalizer)
+            # Still under the lock, so the scope cannot have closed meanwhile.
+            scope._instances[self] = instance
+            if finalizer is not None:
+                scope._finalizers.append(finalizer)
             return instance
 
     async def _finish_async(self, scope: RequestScope, result: Any) -> Any:

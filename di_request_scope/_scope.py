@@ -9,11 +9,11 @@ those places run on copies of the context, but the copies point at the same scop
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import functools
 import inspect
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -86,7 +86,7 @@ class RequestScope:
         self._finalizers: list[_Finalizer] = []
         self._before_response: list[Hook] = []
         # Reentrant: a factory may resolve another request-scoped provider.
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()  # threading.RLock() is a Python-level wrapper around this
         self._closed = False
         self._failure: BaseException | None = None
         self._response_started = False
@@ -146,9 +146,31 @@ class RequestScope:
         with self._lock:
             hooks, self._before_response = self._before_response, []
         for hook in hooks:
+            # A sync hook that says it would block (a commit whose queries ran in a
+            # worker thread) goes to a worker thread; others run right here.
+            blocks = getattr(hook, "_di_request_scope_blocks", None)
+            if blocks is not None and blocks():
+                await _to_thread(hook)
+                continue
             result = hook()
             if result is not None:
                 await result
+
+    def _run_before_response_sync(self) -> None:
+        """Run the hooks where no event loop runs (WSGI): an async hook there is a setup error."""
+        with self._lock:
+            hooks, self._before_response = self._before_response, []
+        for hook in hooks:
+            result = hook()
+            if result is not None:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()  # a coroutine never awaited: no "was never awaited" warning
+                raise ScopeMisuseError(
+                    f"the before-response hook {hook!r} is async (an AsyncSession unit of work?), and a "
+                    "WSGI server runs no event loop to await it; use a sync Session (sessionmaker) "
+                    "under RequestScopeWSGIMiddleware"
+                )
 
     def _store(self, key: object, instance: object, finalizer: _Finalizer | None) -> bool:
         """Keep a new instance; False when the scope closed while it was created."""
@@ -169,6 +191,26 @@ class RequestScope:
             self._before_response = []
             self._instances = {}
             return True
+
+    def _close_now(self) -> list[BaseException] | None:
+        """Close right here when no step awaits or may block; None when it cannot.
+
+        Most requests end here (nothing created, or a session whose transaction
+        already ended), paying for neither a task, a shield nor a worker thread:
+        with no await there is nothing a cancellation could cut off.
+        """
+        with self._lock:
+            if self._pending or self._closed:
+                return None
+            failure = self._failure
+            for fin in self._finalizers:
+                if fin.is_async or fin.blocks is None or fin.blocks(failure):
+                    return None
+            finalizers = self._begin_close()
+        errors: list[BaseException] = []
+        for fin in finalizers:
+            _run_sync(fin, failure, errors)
+        return errors
 
     def _begin_close(self) -> list[_Finalizer]:
         with self._lock:
@@ -196,7 +238,10 @@ class RequestScope:
                     )
                 )
                 continue
-            _run_sync(fin, self._failure, errors)
+            try:
+                fin.run(self._failure)
+            except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+                errors.append(exc)
         return errors
 
     async def aclose(self) -> list[BaseException]:
@@ -342,9 +387,11 @@ def _inside(scope: RequestScope) -> Iterator[None]:
 
 async def _aclose_and_report(scope: RequestScope, body_error: BaseException | None) -> None:
     """Tear an async scope down; raise or log its errors as ``request_scope()`` promises."""
-    if scope._close_if_nothing_to_tear_down():
-        return
-    errors, cancelled = await _shield(scope.aclose)
+    closed_now = scope._close_now()
+    if closed_now is None:
+        errors, cancelled = await _shield(scope.aclose)
+    else:
+        errors, cancelled = closed_now, False
     if cancelled:
         raise_teardown_errors(errors, asyncio.CancelledError())  # logged: cancellation goes first
         raise asyncio.CancelledError  # re-raise what teardown absorbed
@@ -406,7 +453,8 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
             errors = scope.close()
         finally:
             _current.reset(token)
-        raise_teardown_errors(errors, exc)
+        if errors:
+            raise_teardown_errors(errors, exc)
 
     async def __aenter__(self) -> RequestScope:
         return self._open()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -20,6 +20,42 @@ __all__ = ["RequestScopeMiddleware", "container_lifespan"]
 # Marks the ASGI scope so a second copy of the middleware joins the first one's scope.
 _SCOPE_KEY = "di_request_scope"
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001})
+
+
+async def _receive_nowait(receive: Receive) -> Message | None:
+    """The next message if ``receive()`` has one ready, else None; never waits, consumes nothing else.
+
+    The coroutine is stepped by hand in this task: if it would wait, it is
+    cancelled right there, before taking anything, as Starlette's
+    ``is_disconnected()`` does with a cancel scope, minus a trip round the event loop.
+    """
+    awaitable = receive()
+    if not inspect.iscoroutine(awaitable):  # some other awaitable: let anyio cancel it
+        return await _receive_nowait_anyio(awaitable)
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    try:
+        awaitable.throw(asyncio.CancelledError())
+    except asyncio.CancelledError:
+        return None
+    except StopIteration as stop:  # it caught the cancellation and still had a message
+        return stop.value  # type: ignore[no-any-return]
+    awaitable.close()  # it caught the cancellation and waited again: give up on it
+    return None
+
+
+async def _receive_nowait_anyio(awaitable: Awaitable[Message]) -> Message | None:
+    if not _HAS_ANYIO:  # pragma: no cover - Starlette and FastAPI bring anyio
+        close = getattr(awaitable, "close", None)
+        if close is not None:
+            close()
+        return None
+    with anyio.CancelScope() as cancel_scope:
+        cancel_scope.cancel()
+        return await awaitable
+    return None  # cancelled: it would have waited
 
 
 def default_is_failure_status(status: int) -> bool:
@@ -99,36 +135,35 @@ class RequestScopeMiddleware:
             # block is cancelled at once and consumes nothing. Never while the app
             # itself waits in receive(): a server may deliver the disconnect once.
             nonlocal client_gone, peeked
-            if client_gone or peeked is not None or receiving or not _HAS_ANYIO:
+            if client_gone or peeked is not None or receiving:
                 return client_gone
-            with anyio.CancelScope() as cancel_scope:
-                cancel_scope.cancel()
-                peeked = await receive()
+            peeked = await _receive_nowait(receive)
+            if peeked is not None:
                 client_gone = peeked["type"] == "http.disconnect"
             return client_gone
 
-        async def on_response_start(kind: str, status: int) -> None:
-            if is_failure_status(status):
-                request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
-            elif kind == "http.response.start" and request_scope._before_response:
-                if await client_left():
-                    gone = RequestFailed("the client disconnected before the response started")
-                    request_scope.fail(gone)
-                if request_scope.failure is None:
-                    try:
-                        await request_scope._run_before_response()
-                    except BaseException as exc:
-                        # Raised into the app instead of sending the status: the
-                        # client gets a 5xx from the server or ServerErrorMiddleware.
-                        request_scope.fail(exc)
-                        raise
-            request_scope._response_started = True
+        async def before_response_start(kind: str) -> None:
+            if kind == "http.response.start" and await client_left():
+                request_scope.fail(RequestFailed("the client disconnected before the response started"))
+            if request_scope._failure is None:
+                try:
+                    await request_scope._run_before_response()
+                except BaseException as exc:
+                    # Raised into the app instead of sending the status: the
+                    # client gets a 5xx from the server or ServerErrorMiddleware.
+                    request_scope.fail(exc)
+                    raise
 
         async def send_wrapper(message: Message) -> None:
             nonlocal complete, accepted
             kind = message["type"]
-            if kind in ("http.response.start", "websocket.http.response.start"):
-                await on_response_start(kind, message["status"])
+            if kind == "http.response.start" or kind == "websocket.http.response.start":  # noqa: PLR1714
+                status = message["status"]
+                if is_failure_status(status):
+                    request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
+                elif request_scope._before_response:
+                    await before_response_start(kind)
+                request_scope._response_started = True
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
                     complete = True
@@ -159,8 +194,12 @@ class RequestScopeMiddleware:
                     request_scope.fail(RequestFailed("the app returned without completing the response"))
             cancelled = False
             try:
-                if not request_scope._close_if_nothing_to_tear_down():
+                closed_now = request_scope._close_now()
+                if closed_now is None:
                     errors, cancelled = await _shield(request_scope.aclose)
+                else:
+                    errors = closed_now
+                if errors:
                     self._log_teardown_errors(scope, request_scope, errors)
             finally:
                 _current.reset(token)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -33,7 +34,7 @@ try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] ext
 except ImportError:  # pragma: no cover - the test extra installs it
     _AsyncSession = None  # type: ignore[assignment,misc]
 
-from ._scope import RequestScope, _shielded, _to_thread, current_scope
+from ._scope import RequestScope, _shielded, current_scope
 from .exceptions import RequestScopeError
 
 __all__ = [
@@ -53,6 +54,23 @@ AnySession: TypeAlias = "Session | AsyncSession"
 # transaction spans the whole request even before its first statement.
 _ROLLBACK_ONLY = "di_request_scope.rollback_only"
 _UNIT_OF_WORK = "di_request_scope.unit_of_work"
+# The thread in which a unit of work's current transaction began (took its connection).
+_BEGAN_IN = "di_request_scope.began_in"
+_listening = False
+
+
+def _note_begin_thread(session: Session, transaction: Any, connection: Any) -> None:
+    info = session.info
+    if _UNIT_OF_WORK in info:
+        info[_BEGAN_IN] = threading.get_ident()
+
+
+def _listen_for_begins() -> None:
+    """Learn where each unit of work does its I/O; one class-wide listener, added on first use."""
+    global _listening  # noqa: PLW0603 - a once-per-process switch
+    if not _listening:
+        event.listen(Session, "after_begin", _note_begin_thread)
+        _listening = True
 
 
 class LateCommitError(RequestScopeError):
@@ -120,15 +138,18 @@ def unit_of_work(
     session.info[_UNIT_OF_WORK] = True
     if is_async:
         return _async_unit_of_work(session, scope)  # type: ignore[arg-type]
+    _listen_for_begins()
     return _SyncUnitOfWork(session, scope)  # type: ignore[arg-type]
 
 
 class _SyncUnitOfWork:
     """The sync unit of work as a context manager, so teardown can tell when it needs no thread.
 
-    After the commit before the response the session holds no connection, and
-    closing it does no I/O: the scope then closes it on the event loop instead of
-    paying for a worker thread.
+    Commit, rollback and close run where the session's transaction began: in a
+    worker thread when a sync endpoint or dependency did the queries there, on
+    the event loop when async code already ran them on the loop (it blocked the
+    loop for every query; a thread hop for the commit would only add latency).
+    A session holding no transaction does no I/O and is closed on the loop.
     """
 
     __slots__ = ("scope", "session")
@@ -137,11 +158,12 @@ class _SyncUnitOfWork:
         self.session = session
         self.scope = scope
         if not scope.response_started:  # created after the status: commit at teardown only
-            scope.call_before_response(self._commit_before_response)
+            scope.call_before_response(self)
 
-    async def _commit_before_response(self) -> None:
+    def __call__(self) -> None:
+        """The commit before the response: a failure here still becomes a 5xx."""
         if _has_work(self.session):
-            await _to_thread(functools.partial(_commit, self.session))
+            _commit(self.session)
 
     def __enter__(self) -> Session:
         return self.session
@@ -157,9 +179,11 @@ class _SyncUnitOfWork:
             session.info.pop(_ROLLBACK_ONLY, None)
             session.close()
 
-    def _di_request_scope_blocks(self, failure: BaseException | None) -> bool:
-        # Only a transaction to commit or roll back talks to the database.
-        return _has_work(self.session)
+    def _di_request_scope_blocks(self, failure: BaseException | None = None) -> bool:
+        # Only a transaction to commit or roll back talks to the database, and it
+        # needs a thread only if its queries ran in one.
+        session = self.session
+        return _has_work(session) and session.info.get(_BEGAN_IN) != threading.get_ident()
 
 
 def _has_work(session: AnySession) -> bool:

@@ -1135,6 +1135,52 @@ def test_override_as_context_manager_restores_the_provider() -> None:
         container.db()
 
 
+@pytest.mark.parametrize("how", ["override", "context manager", "container"])
+def test_override_made_while_the_scope_holds_an_instance_applies_at_once(how: str) -> None:
+    """Resolving the cached instance takes a shortcut; overriding and resetting must switch it off and on."""
+
+    class Container(containers.DeclarativeContainer):
+        db = RequestScoped(Connection)
+        repository = providers.Factory(Repository, session=db)
+
+    container = Container()
+    fake = Connection()
+    with request_scope():
+        real = container.db()
+        assert container.db() is real  # now served by the shortcut
+        if how == "override":
+            container.db.override(providers.Object(fake))
+            assert container.db() is fake
+            assert container.repository().session is fake
+            container.db.reset_override()
+        else:
+            override = (
+                container.db.override(providers.Object(fake))
+                if how == "context manager"
+                else container.override_providers(db=providers.Object(fake))
+            )
+            with override:
+                assert container.db() is fake
+                assert container.repository().session is fake
+        assert container.db() is real
+        assert container.repository().session is real
+
+
+@pytest.mark.anyio
+async def test_async_mode_switched_on_after_the_instance_exists_hands_out_awaitables() -> None:
+    """``enable_async_mode()`` makes every call awaitable, also for an instance resolved before."""
+    db = RequestScoped(Connection)
+    async with request_scope():
+        real = db()
+        assert db() is real
+        db.enable_async_mode()
+        resolved = db()
+        assert inspect.isawaitable(resolved)
+        assert await resolved is real
+        db.disable_async_mode()
+        assert db() is real
+
+
 def test_container_override_providers_replaces_the_provider() -> None:
     """``container.override_providers(db=...)`` overrides, and restores as a context manager."""
 

@@ -697,17 +697,29 @@ def test_pool_exhaustion_gives_a_clear_error_not_a_hang(postgres_url: str) -> No
 
 
 @pytest.mark.anyio
-async def test_teardown_skips_the_worker_thread_only_when_there_is_nothing_to_commit_or_roll_back(
-    tmp_path: Any,
+@pytest.mark.parametrize("endpoint", ["async", "sync"])
+async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
+    tmp_path: Any, endpoint: str
 ) -> None:
-    """After the early commit, close() runs on the loop (no I/O); a rollback still runs in a worker thread."""
+    """Queries run on the loop keep commit and rollback there; queries in the threadpool send them there.
+
+    Closing a session whose transaction already ended does no I/O and always runs on the loop.
+    """
     import httpx
 
-    closes: list[tuple[int, bool]] = []
+    events: list[tuple[str, int, bool]] = []
 
     class RecordingSession(Session):
+        def commit(self) -> None:
+            events.append(("commit", threading.get_ident(), self.in_transaction()))
+            super().commit()
+
+        def rollback(self) -> None:
+            events.append(("rollback", threading.get_ident(), self.in_transaction()))
+            super().rollback()
+
         def close(self) -> None:
-            closes.append((threading.get_ident(), self.in_transaction()))
+            events.append(("close", threading.get_ident(), self.in_transaction()))
             super().close()
 
     engine = create_engine(f"sqlite:///{tmp_path / 'threads.sqlite3'}")
@@ -720,24 +732,42 @@ async def test_teardown_skips_the_worker_thread_only_when_there_is_nothing_to_co
     container = Container()
     app = FastAPI()
     app.add_middleware(RequestScopeMiddleware)
-    loop_threads: list[int] = []
+    query_threads: list[int] = []
+    loop_thread = threading.get_ident()
 
-    @app.get("/query")
-    async def query(fail: bool = False) -> dict[str, int]:
-        loop_threads.append(threading.get_ident())
+    def run_query(fail: bool) -> dict[str, int]:
+        query_threads.append(threading.get_ident())
         value = container.session().execute(select(1)).scalar_one()
         if fail:
             raise HTTPException(409)
         return {"value": value}
 
+    if endpoint == "async":
+
+        @app.get("/query")
+        async def async_query(fail: bool = False) -> dict[str, int]:
+            return run_query(fail)
+
+    else:
+
+        @app.get("/query")
+        def sync_query(fail: bool = False) -> dict[str, int]:
+            return run_query(fail)
+
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.get("/query")).status_code == 200
         assert (await client.get("/query", params={"fail": True})).status_code == 409
-    (ok_thread, ok_in_tx), (failed_thread, _) = closes
-    assert ok_thread == loop_threads[0]  # committed before the response: closing does no I/O
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == ["commit", "close", "rollback", "close"]
+    (_, commit_thread, _), (_, ok_close_thread, ok_in_tx), (_, rollback_thread, rolled_back), _ = events
+    on_loop = endpoint == "async"
+    assert (query_threads[0] == loop_thread) is on_loop
+    assert (commit_thread == loop_thread) is on_loop  # the commit ran where the queries ran
+    assert rolled_back
+    assert (rollback_thread == loop_thread) is on_loop  # and so did the failed request's rollback
+    assert ok_close_thread == loop_thread  # committed before the response: closing does no I/O
     assert not ok_in_tx
-    assert failed_thread != loop_threads[1]  # the rollback talks to the database: off the loop
     assert engine.pool.checkedout() == 0
     engine.dispose()
 
