@@ -2,8 +2,10 @@
 
 from ._provider import RequestScoped
 from ._scope import RequestScope, current_scope, request_scope
+from ._validation import check_scopes, find_captive_dependencies
 from .asgi import RequestScopeMiddleware, container_lifespan
 from .exceptions import (
+    CaptiveDependencyError,
     NoRequestScopeError,
     RequestFailed,
     RequestScopeError,
@@ -14,6 +16,7 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaptiveDependencyError",
     "NoRequestScopeError",
     "RequestFailed",
     "RequestScope",
@@ -23,7 +26,9 @@ __all__ = [
     "ScopeMisuseError",
     "TeardownError",
     "__version__",
+    "check_scopes",
     "container_lifespan",
     "current_scope",
+    "find_captive_dependencies",
     "request_scope",
 ]

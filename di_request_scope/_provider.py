@@ -21,7 +21,7 @@ from ._scope import (
     closed_scope_message,
     outside_scope_message,
 )
-from .exceptions import NoRequestScopeError, ScopeMisuseError
+from .exceptions import CaptiveDependencyError, NoRequestScopeError, ScopeMisuseError
 
 __all__ = ["RequestScoped"]
 
@@ -347,9 +347,24 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         self._fast = False
         super().reset_async_mode()
 
+    # The DeclarativeContainer class this provider was declared in, whose graph is
+    # checked for captive dependencies before the first creation.
+    _owner: type | None = None
+    _checked = False
+
     def __set_name__(self, owner: type, name: str) -> None:
         # DeclarativeContainer attributes: errors then say "Container.db".
         self._name = f"{owner.__name__}.{name}"
+        self._owner = owner
+
+    def _check_not_captive(self) -> None:
+        if self._owner is not None:
+            from ._validation import captures_of
+
+            captures = captures_of(self._owner, self._name)
+            if captures:
+                raise CaptiveDependencyError(captures)
+        self._checked = True
 
     def __deepcopy__(self, memo: dict[Any, Any] | None) -> RequestScoped[T]:
         if memo is None:
@@ -370,6 +385,7 @@ class RequestScoped(providers.Provider[T], Generic[T]):
             **{k: copy(v) for k, v in self._kwargs.items()},
         )
         copied._name = self._name
+        copied._owner = self._owner
         self._copy_overridings(copied, memo)
         return copied
 
@@ -413,6 +429,8 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         return instance
 
     def _create(self, scope: RequestScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self._checked:
+            self._check_not_captive()
         with scope._lock:
             if scope._closed:
                 raise NoRequestScopeError(closed_scope_message(self._name))

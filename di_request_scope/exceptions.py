@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "CaptiveDependencyError",
     "NoRequestScopeError",
     "RequestFailed",
     "RequestScopeError",
@@ -34,6 +35,26 @@ class ScopeMisuseError(RequestScopeError):
     Examples: an async instance created under a sync ``with request_scope()``, a
     scope entered twice, an instance awaited from another event loop.
     """
+
+
+class CaptiveDependencyError(ScopeMisuseError):
+    """A provider created once (``Singleton``, ``Resource``) depends on a request-scoped one.
+
+    It would be created during the first request that needs it and keep that
+    request's instance, closed when that request ended, for every later request:
+    the "captive dependency" bug. ``captures`` holds one line per path, from the
+    long-lived provider to the request-scoped one it captures.
+    """
+
+    def __init__(self, captures: Sequence[str]) -> None:
+        self.captures = tuple(captures)
+        listed = "\n".join(f"  {capture}" for capture in self.captures)
+        super().__init__(
+            "a provider created once depends on a request-scoped provider, so it would keep the first "
+            f"request's instance for every later request:\n{listed}\n"
+            "Make the long-lived provider a Factory (or RequestScoped) too, or inject the request-scoped "
+            "provider itself (`Container.db.provider`) and call it each time it is needed."
+        )
 
 
 class RequestFailed(RequestScopeError):  # noqa: N818 - it describes an outcome, not a bug

@@ -1007,23 +1007,6 @@ def test_injected_into_factory_and_callable_gives_the_scopes_instance() -> None:
         assert container.repository().session is not db
 
 
-def test_singleton_depending_on_request_scoped_captures_the_first_scopes_instance() -> None:
-    """Documents current behaviour: a Singleton keeps the instance of the scope that created it."""
-
-    class Container(containers.DeclarativeContainer):
-        db = RequestScoped(Connection)
-        service = providers.Singleton(Repository, session=db)
-
-    container = Container()
-    with request_scope():
-        first_db = container.db()
-        assert container.service().session is first_db
-    with request_scope():
-        assert container.db() is not first_db
-        # the Singleton was built once and still holds the first (closed) scope's instance
-        assert container.service().session is first_db
-
-
 def test_provided_attribute_access_reads_from_the_scopes_instance(engine: Engine) -> None:
     """``Container.db.provided.bind`` resolves the scope's session and reads its attribute."""
 
