@@ -202,6 +202,11 @@ class RequestScope:
         with self._lock:
             if self._pending or self._closed:
                 return None
+            if not self._finalizers:  # nothing was created that needs teardown
+                self._closed = True
+                self._before_response = []
+                self._instances = {}
+                return []
             failure = self._failure
             for fin in self._finalizers:
                 if fin.is_async or fin.blocks is None or fin.blocks(failure):
