@@ -107,11 +107,15 @@ def _rollback_only_error(session: AnySession) -> RollbackOnlyError | None:
 
 
 @overload
-def unit_of_work(session_factory: Callable[[], Session]) -> AbstractContextManager[Session]: ...
-@overload
-def unit_of_work(session_factory: Callable[[], AsyncSession]) -> AsyncIterator[AsyncSession]: ...
 def unit_of_work(
-    session_factory: Callable[[], AnySession],
+    session_factory: Callable[[], Session], *, offload: bool | None = None
+) -> AbstractContextManager[Session]: ...
+@overload
+def unit_of_work(
+    session_factory: Callable[[], AsyncSession], *, offload: bool | None = None
+) -> AsyncIterator[AsyncSession]: ...
+def unit_of_work(
+    session_factory: Callable[[], AnySession], *, offload: bool | None = None
 ) -> AbstractContextManager[Session] | AsyncIterator[AsyncSession]:
     """Initializer for ``RequestScoped``: one session per scope, committed by the outcome.
 
@@ -125,7 +129,18 @@ def unit_of_work(
     In a job under ``request_scope()`` the commit happens when the block exits
     without an exception.
 
+    Args:
+        session_factory: A ``sessionmaker`` or ``async_sessionmaker``, or a provider of one.
+        offload: Where a sync session's commit and rollback run under the
+            middleware. ``None`` (the default): in a worker thread when the
+            transaction began in one (a ``def`` endpoint or dependency ran its
+            queries), on the event loop when async code already ran them there.
+            ``True``: always in a worker thread. ``False``: always on the event
+            loop, saving the thread hop where a commit cannot block for long (an
+            in-memory SQLite database in tests). Ignored for ``AsyncSession``.
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2.0 ``offload``; commits no longer always take a worker thread.
     """
     scope = current_scope()
     session = session_factory()
@@ -139,7 +154,7 @@ def unit_of_work(
     if is_async:
         return _async_unit_of_work(session, scope)  # type: ignore[arg-type]
     _listen_for_begins()
-    return _SyncUnitOfWork(session, scope)  # type: ignore[arg-type]
+    return _SyncUnitOfWork(session, scope, offload)  # type: ignore[arg-type]
 
 
 class _SyncUnitOfWork:
@@ -152,11 +167,12 @@ class _SyncUnitOfWork:
     A session holding no transaction does no I/O and is closed on the loop.
     """
 
-    __slots__ = ("scope", "session")
+    __slots__ = ("offload", "scope", "session")
 
-    def __init__(self, session: Session, scope: RequestScope) -> None:
+    def __init__(self, session: Session, scope: RequestScope, offload: bool | None = None) -> None:
         self.session = session
         self.scope = scope
+        self.offload = offload
         if not scope.response_started:  # created after the status: commit at teardown only
             scope.call_before_response(self)
 
@@ -183,6 +199,8 @@ class _SyncUnitOfWork:
         # Only a transaction to commit or roll back talks to the database, and it
         # needs a thread only if its queries ran in one.
         session = self.session
+        if self.offload is not None:
+            return self.offload and _has_work(session)
         return _has_work(session) and session.info.get(_BEGAN_IN) != threading.get_ident()
 
 

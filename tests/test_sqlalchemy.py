@@ -697,13 +697,22 @@ def test_pool_exhaustion_gives_a_clear_error_not_a_hang(postgres_url: str) -> No
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("endpoint", ["async", "sync"])
+@pytest.mark.parametrize(
+    ("endpoint", "offload", "on_loop"),
+    [
+        ("async", None, True),
+        ("sync", None, False),
+        ("async", True, False),
+        ("sync", False, True),
+    ],
+)
 async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
-    tmp_path: Any, endpoint: str
+    tmp_path: Any, endpoint: str, offload: bool | None, on_loop: bool
 ) -> None:
     """Queries run on the loop keep commit and rollback there; queries in the threadpool send them there.
 
-    Closing a session whose transaction already ended does no I/O and always runs on the loop.
+    ``offload=True`` / ``False`` pins them to a worker thread / the loop. Closing a session whose
+    transaction already ended does no I/O and always runs on the loop.
     """
     import httpx
 
@@ -726,7 +735,9 @@ async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
 
     class Container(containers.DeclarativeContainer):
         session = RequestScoped(
-            unit_of_work, providers.Object(sessionmaker(bind=engine, class_=RecordingSession))
+            unit_of_work,
+            providers.Object(sessionmaker(bind=engine, class_=RecordingSession)),
+            offload=offload,
         )
 
     container = Container()
@@ -761,8 +772,7 @@ async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
     kinds = [kind for kind, _, _ in events]
     assert kinds == ["commit", "close", "rollback", "close"]
     (_, commit_thread, _), (_, ok_close_thread, ok_in_tx), (_, rollback_thread, rolled_back), _ = events
-    on_loop = endpoint == "async"
-    assert (query_threads[0] == loop_thread) is on_loop
+    assert (query_threads[0] == loop_thread) is (endpoint == "async")
     assert (commit_thread == loop_thread) is on_loop  # the commit ran where the queries ran
     assert rolled_back
     assert (rollback_thread == loop_thread) is on_loop  # and so did the failed request's rollback
