@@ -1,0 +1,1 @@
+"""The notes service on plain Starlette: `@inject` endpoints, one session per request."""
