@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from dependency_injector import containers, providers
+from dependency_injector import providers
 
 from ._provider import RequestScoped
 from .exceptions import CaptiveDependencyError
@@ -78,6 +78,11 @@ def _captures(root: providers.Provider[Any]) -> Iterator[list[providers.Provider
 
 
 def _find(container: Any) -> list[tuple[str, str]]:
+    # Here, not at the top: dependency_injector.containers imports its wiring module, which
+    # imports FastAPI when installed (~0.6 s), and pytest's plugin imports this package in
+    # every session.
+    from dependency_injector import containers
+
     if not isinstance(container, containers.Container) and not (
         isinstance(container, type) and issubclass(container, containers.DeclarativeContainer)
     ):

@@ -1,4 +1,12 @@
-"""The @transactional example: joining, rollback-only and savepoints, on SQLite and PostgreSQL."""
+"""The @transactional example: joining, rollback-only and savepoints, on SQLite and PostgreSQL.
+
+Most tests run inside a transaction that di_request_scope's pytest plugin rolls
+back after the test (`di_transaction`). The app's session provider is
+`RequestScoped(unit_of_work, <a sessionmaker provider written inline>)`, so the
+`client` fixture binds that RequestScoped itself. The app's own SAVEPOINTs
+(`@transactional(savepoint=True)`) nest inside the test's transaction; balances
+are read through the test's connection, which sees what the app committed.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from starlette.testclient import TestClient
 
 from di_request_scope.sqlalchemy import RollbackOnlyError
+from di_request_scope.testing import RolledBackTransaction
 from examples import transactional_services
 from examples.transactional_services import Account, Accounts, Base, create_app
 
@@ -25,11 +35,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def client(database_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(database_url)) as client:
+def di_engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url)
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def client(database_url: str, di_transaction: RolledBackTransaction) -> Iterator[TestClient]:
+    app = create_app(database_url)
+    di_transaction.bind(app.state.container.session)  # RequestScoped(unit_of_work, ...): same initializer
+    with TestClient(app) as client:
         response = client.post("/accounts", json={"ada": 100, "bob": 0, "carol": 0})
         assert response.status_code == 201
         yield client
+
+
+def balances(connection: Connection) -> dict[str, int]:
+    return dict(connection.execute(select(Account.owner, Account.balance)).all())
 
 
 def committed(database_url: str) -> dict[str, int]:
@@ -37,7 +61,7 @@ def committed(database_url: str) -> dict[str, int]:
     engine = create_engine(database_url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            return dict(conn.execute(select(Account.owner, Account.balance)).all())
+            return balances(conn)
     finally:
         engine.dispose()
 
@@ -46,36 +70,41 @@ def transfers(*moves: tuple[str, str, int]) -> list[dict[str, Any]]:
     return [{"source": s, "target": t, "amount": a} for s, t, a in moves]
 
 
-def test_two_transfers_in_one_request_commit_together(client: TestClient, database_url: str) -> None:
+def test_two_transfers_in_one_request_commit_together(
+    client: TestClient, di_transaction: RolledBackTransaction
+) -> None:
     response = client.post("/transfers", json=transfers(("ada", "bob", 30), ("bob", "carol", 10)))
     assert response.status_code == 200
     assert response.json() == {"ada": 70, "bob": 20, "carol": 10}
-    assert committed(database_url) == {"ada": 70, "bob": 20, "carol": 10}
+    assert balances(di_transaction.connection) == {"ada": 70, "bob": 20, "carol": 10}
 
 
-def test_joined_methods_fail_together(client: TestClient, database_url: str) -> None:
+def test_joined_methods_fail_together(client: TestClient, di_transaction: RolledBackTransaction) -> None:
     """The second transfer's deposit fails: its withdrawal and the whole first transfer are undone."""
     response = client.post("/transfers", json=transfers(("ada", "bob", 30), ("bob", "zoe", 10)))
     assert response.status_code == 409
     assert response.json() == {"detail": "no account 'zoe'"}
-    assert committed(database_url) == {"ada": 100, "bob": 0, "carol": 0}
+    assert balances(di_transaction.connection) == {"ada": 100, "bob": 0, "carol": 0}
 
 
-def test_insufficient_funds_is_refused(client: TestClient, database_url: str) -> None:
+def test_insufficient_funds_is_refused(client: TestClient, di_transaction: RolledBackTransaction) -> None:
     response = client.post("/transfers", json=transfers(("bob", "ada", 1)))
     assert response.status_code == 409
     assert response.json() == {"detail": "bob has 0, cannot pay 1"}
-    assert committed(database_url) == {"ada": 100, "bob": 0, "carol": 0}
+    assert balances(di_transaction.connection) == {"ada": 100, "bob": 0, "carol": 0}
 
 
-def test_a_swallowed_failure_makes_the_request_roll_back(client: TestClient, database_url: str) -> None:
+def test_a_swallowed_failure_makes_the_request_roll_back(
+    client: TestClient, di_transaction: RolledBackTransaction
+) -> None:
     """Skipping a failed transfer without a savepoint would commit its withdrawal: rolled back instead."""
     with pytest.raises(RollbackOnlyError, match=r"Accounts\.deposit failed with UnknownAccountError"):
         client.post("/transfers/best-effort", json=transfers(("ada", "bob", 5), ("ada", "zoe", 5)))
-    assert committed(database_url) == {"ada": 100, "bob": 0, "carol": 0}
+    assert balances(di_transaction.connection) == {"ada": 100, "bob": 0, "carol": 0}
 
 
 def test_a_swallowed_failure_answers_500(database_url: str) -> None:
+    """Without the test transaction: the 500 and a rollback another connection sees."""
     with TestClient(create_app(database_url), raise_server_exceptions=False) as client:
         client.post("/accounts", json={"ada": 100, "bob": 0})
         response = client.post("/transfers/best-effort", json=transfers(("ada", "bob", 5), ("ada", "zoe", 5)))
@@ -83,11 +112,13 @@ def test_a_swallowed_failure_answers_500(database_url: str) -> None:
     assert committed(database_url) == {"ada": 100, "bob": 0}
 
 
-def test_a_savepoint_undoes_only_the_failed_payment(client: TestClient, database_url: str) -> None:
+def test_a_savepoint_undoes_only_the_failed_payment(
+    client: TestClient, di_transaction: RolledBackTransaction
+) -> None:
     response = client.post("/payouts", params={"source": "ada"}, json={"bob": 5, "zoe": 5, "carol": 500})
     assert response.status_code == 200
     assert response.json() == {"skipped": ["zoe", "carol"]}  # unknown account, insufficient funds
-    assert committed(database_url) == {"ada": 95, "bob": 5, "carol": 0}
+    assert balances(di_transaction.connection) == {"ada": 95, "bob": 5, "carol": 0}
 
 
 def test_outside_a_request_a_method_commits_its_own_transaction(database_url: str) -> None:

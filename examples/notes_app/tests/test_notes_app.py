@@ -2,10 +2,17 @@
 
 Run: `.venv/bin/pytest examples/notes_app -q`
 
-Each test builds the app on its own database, `create_app("sqlite:///<tmp file>")`
-(or a private PostgreSQL schema), and drives it with Starlette's TestClient, which
-runs the lifespan: the container's engine is created at startup, disposed at exit.
-Dependencies are replaced the dependency-injector way, with `provider.override()`.
+Most tests run on one database per module (conftest.py), each inside a
+transaction that di_request_scope's pytest plugin rolls back after the test:
+the `app` fixture binds the app's `session_factory` to `di_transaction`, so the
+app commits as in production, but its commits only release SAVEPOINTs. Every
+test therefore starts from empty tables (each one registers ada@example.com
+again) and leaves nothing behind. What the app wrote is read through the test's
+own connection (`stored()`), which sees exactly what the app committed.
+
+The tests at the end need real commits (what another connection sees, the
+engine's pool): they build the app on a fresh database of their own, without the
+transaction.
 
 `create_app()` wires the routes to the container it creates, so the newest app
 owns the routes: build one app per test and finish with it before building another.
@@ -24,39 +31,36 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from sqlalchemy.pool import NullPool
 from starlette.testclient import TestClient
 
+from di_request_scope.testing import Overrides, RolledBackTransaction, override
+from examples.notes_app.containers import Container
 from examples.notes_app.main import create_app
 from examples.notes_app.models import Base, Note, User
 from examples.notes_app.services import NotesService
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The app's database: a fresh SQLite file, or a fresh schema on the PostgreSQL server."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/notes.sqlite3"
-    return str(request.getfixturevalue("postgres_schema_url"))
-
-
+# --8<-- [start:app]
 @pytest.fixture
-def app(database_url: str) -> FastAPI:
-    return create_app(database_url)
+def app(database_url: str, di_transaction: RolledBackTransaction) -> FastAPI:
+    app = create_app(database_url)
+    # Every request's session joins the test's transaction: rolled back after the test.
+    di_transaction.bind(app.state.container.session_factory)
+    return app
 
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as client:  # `with` runs the lifespan: engine up, tables created
+    with TestClient(app) as client:  # `with` runs the lifespan
         yield client
 
 
-def stored(database_url: str) -> dict[str, list[str]]:
-    """What is committed, read through a connection of its own: {email: [note texts]}."""
-    engine = create_engine(database_url, poolclass=NullPool)
-    try:
-        with Session(engine) as session:
-            users = session.scalars(select(User).options(selectinload(User.notes))).all()
-            return {user.email: [note.text for note in user.notes] for user in users}
-    finally:
-        engine.dispose()
+def stored(transaction: RolledBackTransaction) -> dict[str, list[str]]:
+    """What the app committed, read through the test's connection: {email: [note texts]}."""
+    with transaction.session_factory() as session:
+        users = session.scalars(select(User).options(selectinload(User.notes))).all()
+        return {user.email: [note.text for note in user.notes] for user in users}
+
+
+# --8<-- [end:app]
 
 
 def register(client: TestClient, email: str = "ada@example.com", name: str = "Ada") -> int:
@@ -65,7 +69,9 @@ def register(client: TestClient, email: str = "ada@example.com", name: str = "Ad
     return int(response.json()["id"])
 
 
-def test_register_add_notes_and_read_them_back(app: FastAPI, client: TestClient, database_url: str) -> None:
+def test_register_add_notes_and_read_them_back(
+    client: TestClient, di_transaction: RolledBackTransaction
+) -> None:
     user_id = register(client)
     assert client.get(f"/users/{user_id}").json() == {
         "id": user_id,
@@ -79,8 +85,7 @@ def test_register_add_notes_and_read_them_back(app: FastAPI, client: TestClient,
     assert response.json() == {"added": 2}
 
     assert client.get(f"/users/{user_id}").json()["notes"] == ["buy milk", "call Bob"]
-    assert stored(database_url) == {"ada@example.com": ["buy milk", "call Bob"]}  # committed
-    assert app.state.container.engine().pool.checkedout() == 0  # every session was closed
+    assert stored(di_transaction) == {"ada@example.com": ["buy milk", "call Bob"]}
 
 
 def test_unknown_user_is_404(client: TestClient) -> None:
@@ -88,15 +93,17 @@ def test_unknown_user_is_404(client: TestClient) -> None:
     assert client.post("/users/999/notes", json=["lost"]).status_code == 404
 
 
-def test_taken_email_is_refused_with_409(client: TestClient, database_url: str) -> None:
+def test_taken_email_is_refused_with_409(client: TestClient, di_transaction: RolledBackTransaction) -> None:
     register(client, "ada@example.com", "Ada")
     response = client.post("/users", json={"email": "ada@example.com", "name": "Imposter"})
     assert response.status_code == 409
     assert response.json() == {"detail": "ada@example.com is already registered"}
-    assert stored(database_url) == {"ada@example.com": []}
+    assert stored(di_transaction) == {"ada@example.com": []}
 
 
-def test_a_blank_note_rolls_back_the_notes_added_before_it(client: TestClient, database_url: str) -> None:
+def test_a_blank_note_rolls_back_the_notes_added_before_it(
+    client: TestClient, di_transaction: RolledBackTransaction
+) -> None:
     user_id = register(client)
     assert client.post(f"/users/{user_id}/notes", json=["buy milk"]).status_code == 201
 
@@ -106,7 +113,7 @@ def test_a_blank_note_rolls_back_the_notes_added_before_it(client: TestClient, d
     assert response.json() == {"detail": "notes must not be blank"}
 
     assert client.get(f"/users/{user_id}").json()["notes"] == ["buy milk"]
-    assert stored(database_url) == {"ada@example.com": ["buy milk"]}
+    assert stored(di_transaction) == {"ada@example.com": ["buy milk"]}
 
 
 def test_one_session_per_request_and_a_new_one_for_the_next(client: TestClient) -> None:
@@ -119,22 +126,28 @@ def test_one_session_per_request_and_a_new_one_for_the_next(client: TestClient) 
     assert first["endpoint_first"] != second["endpoint_first"]
 
 
-def test_sessions_can_come_from_a_test_engine(app: FastAPI, tmp_path: Path, database_url: str) -> None:
-    """Override the sessionmaker: every request's session binds to an engine the test built."""
-    test_url = f"sqlite:///{tmp_path}/test-engine.sqlite3"
-    test_engine = create_engine(test_url)
-    Base.metadata.create_all(test_engine)
-    container = app.state.container
-    container.session_factory.override(providers.Singleton(sessionmaker, bind=test_engine))
-    try:
-        with TestClient(app) as client:
-            user_id = register(client)
-            assert client.post(f"/users/{user_id}/notes", json=["on the test engine"]).status_code == 201
-    finally:
-        container.session_factory.reset_override()
-        test_engine.dispose()
-    assert stored(test_url) == {"ada@example.com": ["on the test engine"]}
-    assert stored(database_url) == {}  # the configured database was not touched
+# --8<-- [start:di_scope]
+@pytest.fixture
+def container(database_url: str, di_transaction: RolledBackTransaction) -> Container:
+    """The container alone, for tests below HTTP: no app, no lifespan."""
+    container = Container()
+    container.config.database_url.from_value(database_url)
+    di_transaction.bind(container.session_factory)
+    return container
+
+
+@pytest.mark.usefixtures("di_scope")  # the test body is one request scope
+def test_the_service_and_its_repositories_share_the_scopes_session(container: Container) -> None:
+    service = container.service()
+    assert service.users.session is service.notes.session is container.session()
+
+    user = service.register("ada@example.com", "Ada")
+    service.add_notes(user.id, ["buy milk", "call Bob"])
+    assert container.notes().count() == 2
+    assert [note.text for note in service.author(user.id).notes] == ["buy milk", "call Bob"]
+
+
+# --8<-- [end:di_scope]
 
 
 class FakeUserRepository:
@@ -155,24 +168,23 @@ class FakeUserRepository:
         return next((user for user in self.rows.values() if user.email == email), None)
 
 
+# --8<-- [start:di_override]
 def test_a_fake_user_repository_replaces_the_real_one(
-    app: FastAPI, client: TestClient, database_url: str
+    app: FastAPI, client: TestClient, di_override: Overrides, di_transaction: RolledBackTransaction
 ) -> None:
-    container = app.state.container
     rows: dict[int, User] = {}
-    container.users.override(providers.Factory(FakeUserRepository, rows=rows))
-    try:
-        user_id = register(client, "fake@example.com", "Fake")
-        assert rows[user_id].email == "fake@example.com"
-        assert client.get(f"/users/{user_id}").json()["email"] == "fake@example.com"
-        assert client.post("/users", json={"email": "fake@example.com", "name": "Again"}).status_code == 409
-        assert stored(database_url) == {}  # the service never reached the database
-    finally:
-        container.users.reset_override()
+    di_override(
+        app.state.container.users, providers.Factory(FakeUserRepository, rows=rows)
+    )  # until the test ends
 
-    register(client, "real@example.com", "Real")  # the real repository is back
-    assert stored(database_url) == {"real@example.com": []}
-    assert len(rows) == 1
+    user_id = register(client, "fake@example.com", "Fake")
+    assert rows[user_id].email == "fake@example.com"
+    assert client.get(f"/users/{user_id}").json()["email"] == "fake@example.com"
+    assert client.post("/users", json={"email": "fake@example.com", "name": "Again"}).status_code == 409
+    assert stored(di_transaction) == {}  # the service never reached the database
+
+
+# --8<-- [end:di_override]
 
 
 class NotesServiceWithAFailingMailer(NotesService):
@@ -184,20 +196,71 @@ class NotesServiceWithAFailingMailer(NotesService):
 
 
 def test_an_unexpected_error_after_writes_rolls_them_back(
-    app: FastAPI, client: TestClient, database_url: str
+    app: FastAPI, client: TestClient, di_transaction: RolledBackTransaction
 ) -> None:
     container = app.state.container
     user_id = register(client)
     failing = providers.Factory(NotesServiceWithAFailingMailer, users=container.users, notes=container.notes)
-    with container.service.override(failing):
+    with override(container.service, failing):  # for this block only
         # TestClient re-raises the app's exception; a real server would answer 500.
         with pytest.raises(RuntimeError, match="mail server down"):
             client.post(f"/users/{user_id}/notes", json=["never saved"])
-        assert stored(database_url) == {"ada@example.com": []}
+        assert stored(di_transaction) == {"ada@example.com": []}
 
     # Leaving the `with` block restored the real service.
     assert client.post(f"/users/{user_id}/notes", json=["saved"]).status_code == 201
-    assert stored(database_url) == {"ada@example.com": ["saved"]}
+    assert stored(di_transaction) == {"ada@example.com": ["saved"]}
+
+
+# Real commits: a fresh database per test, and no transaction around the app.
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database for one test: a fresh SQLite file, or a fresh schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/notes.sqlite3"
+    return str(request.getfixturevalue("postgres_schema_url"))
+
+
+def committed(database_url: str) -> dict[str, list[str]]:
+    """What is committed, read through a connection of its own: {email: [note texts]}."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with Session(engine) as session:
+            users = session.scalars(select(User).options(selectinload(User.notes))).all()
+            return {user.email: [note.text for note in user.notes] for user in users}
+    finally:
+        engine.dispose()
+
+
+def test_requests_commit_or_roll_back_and_return_their_connections(fresh_database_url: str) -> None:
+    app = create_app(fresh_database_url)
+    with TestClient(app) as client:
+        user_id = register(client)
+        assert client.post(f"/users/{user_id}/notes", json=["buy milk"]).status_code == 201
+        assert client.post(f"/users/{user_id}/notes", json=["write report", "  "]).status_code == 422
+        assert committed(fresh_database_url) == {"ada@example.com": ["buy milk"]}
+        assert app.state.container.engine().pool.checkedout() == 0  # every session was closed
+
+
+def test_sessions_can_come_from_a_test_engine(
+    tmp_path: Path, fresh_database_url: str, di_override: Overrides
+) -> None:
+    """Override the sessionmaker: every request's session binds to an engine the test built."""
+    test_url = f"sqlite:///{tmp_path}/test-engine.sqlite3"
+    test_engine = create_engine(test_url)
+    Base.metadata.create_all(test_engine)
+    app = create_app(fresh_database_url)
+    di_override(app.state.container.session_factory, sessionmaker(bind=test_engine))
+    try:
+        with TestClient(app) as client:
+            user_id = register(client)
+            assert client.post(f"/users/{user_id}/notes", json=["on the test engine"]).status_code == 201
+    finally:
+        test_engine.dispose()
+    assert committed(test_url) == {"ada@example.com": ["on the test engine"]}
+    assert committed(fresh_database_url) == {}  # the configured database was not touched
 
 
 @pytest.mark.server
