@@ -471,7 +471,9 @@ class RequestScoped(providers.Provider[T], Generic[T]):
             scope._instances[self] = instance
             if finalizer is not None:
                 scope._finalizers.append(finalizer)
-            return instance
+        if scope._observers is not None:  # outside the lock: other threads need not wait for them
+            scope._observers.created(scope, self._name, instance)
+        return instance
 
     async def _finish_async(self, scope: RequestScope, result: Any) -> Any:
         try:
@@ -492,6 +494,8 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 else:  # a rollback or close may block: keep it off the event loop
                     await _to_thread(functools.partial(finalizer.run, error))
             raise error
+        if scope._observers is not None:
+            scope._observers.created(scope, self._name, instance)
         return instance
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from .exceptions import NoRequestScopeError, ScopeMisuseError, TeardownError
 
@@ -30,6 +30,9 @@ try:  # anyio comes with Starlette/FastAPI; plain asyncio is the fallback.
 except ImportError:  # pragma: no cover - exercised only without anyio installed
     _HAS_ANYIO = False
 
+if TYPE_CHECKING:
+    from ._observe import _Observers
+
 __all__ = ["RequestScope", "current_scope", "request_scope"]
 
 logger = logging.getLogger("di_request_scope")
@@ -38,6 +41,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
 
 _current: ContextVar[RequestScope | None] = ContextVar("di_request_scope", default=None)
+
+# The registered observers (see _observe.observe()), None while there are none:
+# each scope keeps the value it found when it opened.
+_observers: _Observers | None = None
 
 
 class _Finalizer(NamedTuple):
@@ -71,12 +78,18 @@ class RequestScope:
         "_closed",
         "_failure",
         "_finalizers",
+        "_info",
         "_instances",
         "_lock",
+        "_observers",
+        "_origin",
         "_pending",
         "_response_started",
         "_sync_only",
     )
+    # Unset until first needed: see __init__.
+    _info: dict[Any, Any]
+    _origin: str | None
 
     def __init__(self) -> None:
         # provider -> instance; read without the lock on the hot path.
@@ -92,6 +105,9 @@ class RequestScope:
         self._response_started = False
         # Set by a sync `with request_scope()`: it cannot await async teardown.
         self._sync_only = False
+        # Fixed for the scope's life, so its observers see it from opened to closed.
+        # _info and _origin stay unset until asked for: unobserved scopes never pay for them.
+        self._observers = _observers
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -100,6 +116,43 @@ class RequestScope:
             f"<RequestScope {state}: {len(self._instances)} instances, "
             f"{len(self._finalizers)} pending finalizers{failed}>"
         )
+
+    def _opened(self, origin: str | None) -> None:
+        """Tell the observers the scope opened; openers call it only when there are some."""
+        self._origin = origin
+        self._info = {}  # observers keep their state here: spare them the lazy creation
+        self._observers.opened(self)  # type: ignore[union-attr]
+
+    @property
+    def origin(self) -> str | None:
+        """What opened the scope, for logs and traces: ``"GET /notes/1"``, ``"request_scope()"``...
+
+        Recorded only while an observer is registered (see :func:`observe`),
+        None for a scope opened while none was.
+
+        .. versionadded:: 0.2.0
+        """
+        return getattr(self, "_origin", None)
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        """A dict for observers and application code to keep data about this scope.
+
+        Like SQLAlchemy's ``Session.info``: the scope never reads it. Use a key of
+        your own (an observer may use itself), since other code shares it.
+
+        .. versionadded:: 0.2.0
+        """
+        try:
+            return self._info
+        except AttributeError:
+            with self._lock:
+                try:
+                    return self._info
+                except AttributeError:
+                    info: dict[Any, Any] = {}
+                    self._info = info
+                    return info
 
     @property
     def closed(self) -> bool:
@@ -125,6 +178,8 @@ class RequestScope:
         """
         if self._failure is None:
             self._failure = exc
+            if self._observers is not None:
+                self._observers.failed(self, exc)
 
     def call_before_response(self, hook: Hook) -> None:
         """Run ``hook`` (sync or async) just before a successful response starts.
@@ -190,7 +245,9 @@ class RequestScope:
             self._closed = True
             self._before_response = []
             self._instances = {}
-            return True
+        if self._observers is not None:
+            self._observers.closed(self, [])
+        return True
 
     def _close_now(self) -> list[BaseException] | None:
         """Close right here when no step awaits or may block; None when it cannot.
@@ -202,19 +259,22 @@ class RequestScope:
         with self._lock:
             if self._pending or self._closed:
                 return None
-            if not self._finalizers:  # nothing was created that needs teardown
+            failure = self._failure
+            if self._finalizers:
+                for fin in self._finalizers:
+                    if fin.is_async or fin.blocks is None or fin.blocks(failure):
+                        return None
+                finalizers = self._begin_close()
+            else:  # nothing was created that needs teardown: the empty list needs no copy
                 self._closed = True
                 self._before_response = []
                 self._instances = {}
-                return []
-            failure = self._failure
-            for fin in self._finalizers:
-                if fin.is_async or fin.blocks is None or fin.blocks(failure):
-                    return None
-            finalizers = self._begin_close()
+                finalizers = self._finalizers
         errors: list[BaseException] = []
         for fin in finalizers:
             _run_sync(fin, failure, errors)
+        if self._observers is not None:
+            self._observers.closed(self, errors)
         return errors
 
     def _begin_close(self) -> list[_Finalizer]:
@@ -229,6 +289,8 @@ class RequestScope:
             self._before_response = []
             # An empty dict makes every later lookup miss and reach the closed check.
             self._instances = {}
+        if self._observers is not None:
+            return self._observers.wrap(self, finalizers)
         return finalizers
 
     def close(self) -> list[BaseException]:
@@ -247,6 +309,8 @@ class RequestScope:
                 fin.run(self._failure)
             except BaseException as exc:  # noqa: BLE001 - every finalizer must run
                 errors.append(exc)
+        if self._observers is not None:
+            self._observers.closed(self, errors)
         return errors
 
     async def aclose(self) -> list[BaseException]:
@@ -274,6 +338,8 @@ class RequestScope:
             else:
                 errors.extend(await _to_thread(functools.partial(_run_sync_batch, batch, failure)))
             i = j
+        if self._observers is not None:
+            self._observers.closed(self, errors)
         return errors
 
 
@@ -292,9 +358,14 @@ def _run_sync_batch(batch: list[_Finalizer], failure: BaseException | None) -> l
 
 
 async def _to_thread(func: Callable[[], R]) -> R:
-    """Run blocking teardown (``Session.close()``) off the event loop."""
+    """Run blocking teardown (``Session.close()``) off the event loop.
+
+    Not under anyio's default limiter, which sync endpoints share: a commit holding a
+    pooled connection must never queue for a thread behind requests that wait for that
+    connection (FastAPI runs ``yield`` dependencies' exits the same way, for the same reason).
+    """
     if _HAS_ANYIO:
-        return await anyio.to_thread.run_sync(func)
+        return await anyio.to_thread.run_sync(func, limiter=anyio.CapacityLimiter(1))
     return await asyncio.to_thread(func)  # pragma: no cover
 
 
@@ -419,6 +490,8 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
     """
 
     __slots__ = ("_scope", "_token")
+    # What observers are told opened the scope; _NamedScope (the decorator's) names the function.
+    _origin = "request_scope()"
 
     def __init__(self) -> None:
         self._scope: RequestScope | None = None
@@ -429,9 +502,11 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
             raise ScopeMisuseError(
                 "this request_scope() is already open; create a new request_scope() for each block"
             )
-        self._scope = RequestScope()
-        self._token = _current.set(self._scope)
-        return self._scope
+        scope = self._scope = RequestScope()
+        self._token = _current.set(scope)
+        if scope._observers is not None:
+            scope._opened(self._origin)
+        return scope
 
     def _take(self) -> tuple[RequestScope, Token[RequestScope | None]]:
         scope, token = self._scope, self._token
@@ -480,12 +555,15 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
 
     def __call__(self, func: F) -> F:
         wrapper: Callable[..., Any]
+        origin = f"@request_scope() {getattr(func, '__qualname__', func)}"
         if inspect.isasyncgenfunction(func):
 
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 # The scope is set only while the generator runs: a generator shares
                 # its consumer's context, which must not see (or lose) the scope.
                 scope, gen, error = RequestScope(), func(*args, **kwargs), None
+                if scope._observers is not None:
+                    scope._opened(origin)
                 try:
                     sent: Any = None
                     thrown: BaseException | None = None
@@ -516,6 +594,8 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 scope, gen, error = RequestScope(), func(*args, **kwargs), None
                 scope._sync_only = True
+                if scope._observers is not None:
+                    scope._opened(origin)
                 try:
                     sent: Any = None
                     thrown: BaseException | None = None
@@ -544,13 +624,13 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         elif inspect.iscoroutinefunction(func):
 
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                async with request_scope():
+                async with _NamedScope(origin):
                     return await func(*args, **kwargs)
 
         else:
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with request_scope():
+                with _NamedScope(origin):
                     return func(*args, **kwargs)
 
         functools.update_wrapper(wrapper, func)
@@ -559,3 +639,13 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         # resolves them inside it.
         delattr(wrapper, "__wrapped__")
         return cast("F", wrapper)
+
+
+class _NamedScope(request_scope):
+    """A ``request_scope()`` whose observers are told ``origin``: the decorated function."""
+
+    __slots__ = ("_origin",)
+
+    def __init__(self, origin: str) -> None:
+        super().__init__()
+        self._origin = origin

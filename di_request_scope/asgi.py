@@ -1,16 +1,18 @@
-"""``RequestScopeMiddleware``: one request scope per HTTP request or WebSocket connection."""
+"""``RequestScopeMiddleware``: one request scope per HTTP request or WebSocket connection (or message)."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from contextvars import Token
+from typing import Any, Literal
 
-from ._scope import _HAS_ANYIO, RequestScope, _current, _shield, _shielded, logger
+from ._scope import _HAS_ANYIO, RequestScope, _aclose_and_report, _current, _shield, _shielded, logger
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .exceptions import RequestFailed
+from .exceptions import RequestFailed, ScopeMisuseError
 
 if _HAS_ANYIO:
     import anyio
@@ -20,6 +22,16 @@ __all__ = ["RequestScopeMiddleware", "container_lifespan"]
 # Marks the ASGI scope so a second copy of the middleware joins the first one's scope.
 _SCOPE_KEY = "di_request_scope"
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001})
+# How many bare ``await asyncio.sleep(0)`` yields _receive_ready() steps through.
+_CHECKPOINTS = 8
+_OTHER_TASK_WARNING = (
+    "RequestScopeMiddleware(websocket_scope='message'): receive() returned the previous message in "
+    "another task than the one now calling it, so that message's scope was current only there and "
+    "the handler resolved the connection's instances instead. Await receive() in the task that "
+    "handles the messages: not through asyncio.wait_for() (a task of its own before Python 3.12; "
+    "use asyncio.timeout() or anyio.fail_after()) or a separate reader task. For such designs, open "
+    "`async with request_scope():` around each message's work instead."
+)
 
 
 async def _receive_nowait(receive: Receive) -> Message | None:
@@ -58,6 +70,32 @@ async def _receive_nowait_anyio(awaitable: Awaitable[Message]) -> Message | None
     return None  # cancelled: it would have waited
 
 
+async def _receive_ready(receive: Receive) -> Message | None:
+    """Like :func:`_receive_nowait`, but steps through checkpoints before a queued message.
+
+    anyio's memory streams (Starlette's ``TestClient``) ``await sleep(0)`` before
+    taking a message that is already queued; resuming such a bare yield at once
+    changes nothing but fairness. A yielded future is a real wait: give up there.
+    """
+    awaitable = receive()
+    if not inspect.iscoroutine(awaitable):
+        return await _receive_nowait_anyio(awaitable)
+    try:
+        for _ in range(_CHECKPOINTS):
+            if awaitable.send(None) is not None:
+                break
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    try:
+        awaitable.throw(asyncio.CancelledError())
+    except asyncio.CancelledError:
+        return None
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    awaitable.close()
+    return None
+
+
 def default_is_failure_status(status: int) -> bool:
     """4xx and 5xx responses roll back; everything else commits."""
     return status >= 400
@@ -79,10 +117,23 @@ class RequestScopeMiddleware:
     propagates instead, so the client gets a 5xx, never a 2xx. Teardown errors are
     logged on the ``di_request_scope`` logger: the response is already gone.
 
+    A WebSocket connection is one scope by default. With
+    ``websocket_scope="message"``, each message the app receives also gets a scope
+    of its own, so a connection open for hours holds no session between messages:
+    it is current from ``receive()`` returning the message until the app calls
+    ``receive()`` again, commits before the first frame the app sends while
+    handling it, and its teardown errors are raised from that next ``receive()``.
+
     Args:
         app: The ASGI application to wrap.
         is_failure_status: Decides which response statuses roll back; by default
             every status >= 400.
+        websocket_scope: ``"connection"`` (the default): one scope per WebSocket
+            connection. ``"message"`` (new in 0.2.0): a scope per received message
+            as well, nested in the connection's, which stays current outside messages.
+
+    Raises:
+        ValueError: ``websocket_scope`` is neither ``"connection"`` nor ``"message"``.
 
     .. versionadded:: 0.1
     """
@@ -92,19 +143,31 @@ class RequestScopeMiddleware:
         app: ASGIApp,
         *,
         is_failure_status: Callable[[int], bool] = default_is_failure_status,
+        websocket_scope: Literal["connection", "message"] = "connection",
     ) -> None:
+        if websocket_scope not in ("connection", "message"):
+            raise ValueError(
+                f"websocket_scope must be 'connection' (one scope per WebSocket connection) or 'message' "
+                f"(a scope per received message as well), got {websocket_scope!r}"
+            )
         self.app = app
         self.is_failure_status = is_failure_status
+        self.websocket_scope = websocket_scope
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0912 - one state machine
         kind = scope["type"]
         if kind not in ("http", "websocket") or _SCOPE_KEY in scope:
             await self.app(scope, receive, send)
+            return
+        if kind == "websocket" and self.websocket_scope == "message":
+            await self._call_per_message(scope, receive, send)
             return
 
         request_scope = RequestScope()
         scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
+        if request_scope._observers is not None:
+            request_scope._opened(f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
         is_failure_status = self.is_failure_status
         complete = client_gone = accepted = False
         receiving = 0
@@ -205,6 +268,172 @@ class RequestScopeMiddleware:
                 _current.reset(token)
             if cancelled and error is None:
                 raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+
+    async def _call_per_message(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection with a scope per received message, nested in the connection's.
+
+        The message scope is set in the context of the task that received the
+        message (the handler's: ``receive()`` is awaited there), and reset when
+        that task calls ``receive()`` again. Tasks started before the message keep
+        the connection scope.
+        """
+        connection = RequestScope()
+        scope[_SCOPE_KEY] = connection
+        token = _current.set(connection)
+        path = scope.get("path", "")
+        if connection._observers is not None:
+            connection._opened(f"WEBSOCKET {path}")
+        is_failure_status = self.is_failure_status
+        accepted = False
+        receiving = 0
+        peeked: Message | None = None
+        message: RequestScope | None = None  # the message being handled
+        message_token: Token[RequestScope | None] | None = None
+
+        def check_disconnect(received: Message, target: RequestScope, during: str) -> None:
+            if received["type"] == "websocket.disconnect":
+                code = received.get("code", 1005)
+                if code not in _NORMAL_CLOSE_CODES:
+                    target.fail(RequestFailed(f"the client closed the WebSocket with code {code}{during}"))
+
+        async def look_for_abnormal_close(current: RequestScope) -> None:
+            # Servers drop or refuse frames to a closed connection, and the app
+            # learns of the close only at its next receive(): look now, without
+            # waiting and never while another task waits in receive().
+            nonlocal peeked
+            if peeked is None and not receiving:
+                peeked = await _receive_ready(receive)
+            if peeked is not None:
+                check_disconnect(peeked, current, " while a message was being handled")
+
+        async def before_reply(current: RequestScope) -> None:
+            if current._failure is None:
+                await look_for_abnormal_close(current)
+            if current._failure is None:
+                try:
+                    await current._run_before_response()
+                except BaseException as exc:
+                    # Raised from send() instead of sending the reply, as for HTTP.
+                    current.fail(exc)
+                    raise
+
+        async def end_message(ending: RequestScope, ending_token: Token[RequestScope | None]) -> None:
+            error: BaseException | None = None
+            try:
+                try:
+                    # Only an outcome that decides something is worth a look.
+                    if ending._failure is None and (ending._finalizers or ending._pending):
+                        await look_for_abnormal_close(ending)
+                except BaseException as exc:
+                    error = exc
+                    ending.fail(exc)
+                    raise
+                finally:
+                    # Teardown errors (a failed commit) are raised from receive(), to the
+                    # handler: the connection is still open to tell the client.
+                    await _aclose_and_report(ending, error)
+            finally:
+                try:
+                    _current.reset(ending_token)
+                except ValueError:  # created in another context than this receive() runs in
+                    warnings.warn(_OTHER_TASK_WARNING, RuntimeWarning, stacklevel=3)
+
+        async def receive_wrapper() -> Message:
+            nonlocal message, message_token, peeked, receiving
+            if receiving:
+                raise ScopeMisuseError(
+                    "two tasks wait in receive() on one WebSocket at once, so neither message can be "
+                    "given a scope (RequestScopeMiddleware(websocket_scope='message')); receive in one "
+                    "task only"
+                )
+            if message is not None and message_token is not None:
+                ending, ending_token = message, message_token
+                message = message_token = None
+                await end_message(ending, ending_token)
+            if peeked is not None:
+                received, peeked = peeked, None
+            else:
+                receiving += 1
+                try:
+                    received = await receive()
+                finally:
+                    receiving -= 1
+            kind = received["type"]
+            if kind == "websocket.receive":
+                message = RequestScope()
+                message_token = _current.set(message)
+                if message._observers is not None:
+                    message._opened(f"WEBSOCKET {path} message")
+            elif kind == "websocket.disconnect":
+                check_disconnect(received, connection, "")
+            return received
+
+        async def send_wrapper(sent: Message) -> None:
+            nonlocal accepted
+            kind = sent["type"]
+            if kind == "websocket.send":
+                current = message
+                # The handler's first frame is the message's reply; frames sent by
+                # tasks outside the message (a heartbeat) commit nothing.
+                if current is not None and not current._response_started and _current.get() is current:
+                    if current._before_response:
+                        await before_reply(current)
+                    current._response_started = True
+            elif kind == "websocket.accept":
+                accepted = True
+            elif kind == "websocket.close":
+                code = sent.get("code", 1000)
+                if not accepted:  # the server answers 403: the handshake was rejected
+                    connection.fail(RequestFailed("the WebSocket handshake was rejected", status_code=403))
+                elif code not in _NORMAL_CLOSE_CODES:
+                    failed = RequestFailed(f"the WebSocket was closed with code {code}")
+                    connection.fail(failed)
+                    if message is not None:
+                        message.fail(failed)
+            elif kind == "websocket.http.response.start":
+                status = sent["status"]
+                if is_failure_status(status):
+                    connection.fail(RequestFailed(f"the response status was {status}", status_code=status))
+                elif connection._before_response:
+                    try:
+                        await connection._run_before_response()
+                    except BaseException as exc:
+                        connection.fail(exc)
+                        raise
+                connection._response_started = True
+            await send(sent)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            connection.fail(exc)
+            if message is not None:
+                message.fail(exc)
+            raise
+        finally:
+            cancelled = False
+            try:
+                if message is not None:  # the app returned or raised while handling it
+                    cancelled = await self._close_and_log(scope, message)
+                    message = None
+                cancelled = await self._close_and_log(scope, connection) or cancelled
+            finally:
+                _current.reset(token)
+            if cancelled and error is None:
+                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+
+    async def _close_and_log(self, scope: Scope, request_scope: RequestScope) -> bool:
+        """Tear a scope down, shielded; log its errors; say whether the caller was cancelled meanwhile."""
+        closed_now = request_scope._close_now()
+        if closed_now is None:
+            errors, cancelled = await _shield(request_scope.aclose)
+        else:
+            errors, cancelled = closed_now, False
+        if errors:
+            self._log_teardown_errors(scope, request_scope, errors)
+        return cancelled
 
     @staticmethod
     def _log_teardown_errors(scope: Scope, request_scope: RequestScope, errors: list[BaseException]) -> None:

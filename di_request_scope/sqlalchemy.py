@@ -261,9 +261,9 @@ async def _acommit(session: AsyncSession, *, late: bool = False) -> None:
 def _late_message(exc: BaseException) -> str:
     return (
         f"commit after the response status was sent failed with {type(exc).__name__}: {exc}. Writes made "
-        "in a streaming body or background task were NOT saved, and the client was already told the "
-        "request succeeded. Make such writes in the endpoint, or give the background work its own "
-        "request_scope()."
+        "in a streaming body, a background task or after a WebSocket message's first reply were NOT "
+        "saved, and the client was already told the request succeeded. Make such writes before the "
+        "response (or reply), or give the background work its own request_scope()."
     )
 
 

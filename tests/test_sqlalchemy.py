@@ -842,3 +842,54 @@ def test_transactional_savepoint_on_a_plain_session_commits_its_own_transaction(
         assert not session.in_transaction()
     engine.dispose()
     assert db.texts() == ["saved"]
+
+
+@pytest.mark.anyio
+async def test_commits_never_wait_for_threads_held_by_requests_waiting_for_their_connection(
+    db: Db,
+) -> None:
+    """More sync requests than worker threads, one pooled connection: every request still completes.
+
+    Each request's commit needs a thread while it holds the only connection; the other requests hold
+    the threads while they wait for it. Commits therefore do not queue behind them for anyio's
+    default thread limiter, which sync endpoints share.
+    """
+    import anyio.to_thread
+    import httpx
+
+    engine = create_engine(db.url, pool_size=1, max_overflow=0, pool_timeout=10)
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=engine)))
+
+    container = Container()
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.post("/notes/{text}", status_code=201, response_model=None)
+    def add(text: str):  # no return annotation: FastAPI would validate the response in a thread too
+        session = container.session()
+        session.add(db.model(text))
+        session.flush()  # takes the pool's only connection until the commit
+        return {"added": text}
+
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, limiter.total_tokens = limiter.total_tokens, 2
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            texts = [f"note {i}" for i in range(6)]
+            async with anyio.create_task_group() as group:
+                statuses: list[int] = []
+
+                async def post(text: str) -> None:
+                    statuses.append((await client.post(f"/notes/{text}")).status_code)
+
+                for text in texts:
+                    group.start_soon(post, text)
+    finally:
+        limiter.total_tokens = tokens
+    assert statuses == [201] * len(texts)
+    assert db.texts() == texts
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
