@@ -10,3 +10,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# What the middleware wraps and how it is called, typed loosely: any framework's app, whatever
+# its own ASGI types (Litestar's are TypedDicts, which mypy does not take as MutableMappings).
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]

@@ -11,7 +11,7 @@ from contextvars import Token
 from typing import Any, Literal
 
 from ._scope import _HAS_ANYIO, RequestScope, _aclose_and_report, _current, _shield, _shielded, logger
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import AnyASGIApp, Message, Receive, Scope, Send
 from .exceptions import RequestFailed, ScopeMisuseError
 
 if _HAS_ANYIO:
@@ -140,7 +140,7 @@ class RequestScopeMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         is_failure_status: Callable[[int], bool] = default_is_failure_status,
         websocket_scope: Literal["connection", "message"] = "connection",
@@ -154,7 +154,9 @@ class RequestScopeMiddleware:
         self.is_failure_status = is_failure_status
         self.websocket_scope = websocket_scope
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0912 - one state machine
+    # Any, not Scope/Receive/Send: Litestar types the ASGI interface with TypedDicts, which mypy
+    # does not accept where a MutableMapping[str, Any] is expected.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # noqa: PLR0912 - one state machine
         kind = scope["type"]
         if kind not in ("http", "websocket") or _SCOPE_KEY in scope:
             await self.app(scope, receive, send)
@@ -175,6 +177,7 @@ class RequestScopeMiddleware:
 
         async def receive_wrapper() -> Message:
             nonlocal client_gone, peeked, receiving
+            message: Message
             if peeked is not None:
                 message, peeked = peeked, None
                 return message

@@ -121,3 +121,29 @@ def unit_of_work_types(engine: Engine) -> None:
     uow = RequestScoped(unit_of_work, factory)
     session: Session = uow()
     assert session is not None
+
+
+def middleware_fits_every_framework() -> None:
+    """The middleware type-checks where each framework takes an ASGI middleware."""
+    from fastapi import FastAPI
+    from litestar import Litestar, get
+    from litestar.middleware import DefineMiddleware
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+
+    from di_request_scope import RequestScopeMiddleware
+
+    @get("/")
+    async def index() -> str:
+        return "ok"
+
+    Litestar(
+        [index],
+        middleware=[
+            RequestScopeMiddleware,
+            DefineMiddleware(RequestScopeMiddleware, is_failure_status=lambda status: status >= 500),
+        ],
+    )
+    RequestScopeMiddleware(Litestar([index]))
+    Starlette(middleware=[Middleware(RequestScopeMiddleware, websocket_scope="message")])
+    FastAPI().add_middleware(RequestScopeMiddleware)
