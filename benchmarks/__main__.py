@@ -1,6 +1,6 @@
 """Run the benchmarks and print Markdown: ``python -m benchmarks [--smoke] [--write RESULTS.md] [names...]``.
 
-names: resolve, asgi, memory (default: all). ``--smoke`` runs a few rounds of a
+names: resolve, asgi, memory, server (default: all). ``--smoke`` runs a few rounds of a
 few loops so the whole suite finishes in seconds: it checks that every candidate
 works, its figures mean nothing. ``--write FILE`` also writes the report; a bare
 file name goes next to this script (``--write RESULTS.md`` writes
@@ -20,10 +20,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import bench_asgi, bench_memory, bench_resolve
+from . import bench_asgi, bench_memory, bench_resolve, bench_server
 from ._harness import FULL, SMOKE, Settings
 
-BENCHMARKS = {module.NAME: module for module in (bench_resolve, bench_asgi, bench_memory)}
+BENCHMARKS = {module.NAME: module for module in (bench_resolve, bench_asgi, bench_memory, bench_server)}
 PACKAGES = [
     "di-request-scope",
     "dependency-injector",
@@ -36,6 +36,8 @@ PACKAGES = [
     "that-depends",
     "wireup",
     "svcs",
+    "uvicorn",
+    "h11",
 ]
 
 

@@ -34,6 +34,8 @@ Candidates:
                             dependency-injector's own ``Provide`` marker and ``@inject``
   RequestScoped, fastapi.Provide   the same with ``di_request_scope.fastapi.Provide`` (awaited by
                             FastAPI on the event loop instead of in its threadpool)
+  ..., offload=False        the same with ``unit_of_work(..., offload=False)``: a ``def`` endpoint's
+                            commit runs on the event loop, as dishka's and that-depends' do
 """
 
 # No `from __future__ import annotations` here: dependency-injector's @inject reads the
@@ -317,6 +319,27 @@ def fastapi_provide_sync(service: AsyncService) -> dict[str, int]:
     return service.run()
 
 
+class InlineCommitContainer(containers.DeclarativeContainer):
+    """The same, with the commit pinned to the event loop: what ``offload=False`` saves."""
+
+    session = RequestScoped(unit_of_work, SessionLocal, offload=False)
+    repository = providers.Factory(Repository, session=session)
+    service = providers.Factory(Service, repository=repository, session=session)
+
+
+InlineService = Annotated[Service, Depends(AsyncProvide[InlineCommitContainer.service])]
+
+
+@inject
+async def inline_commit_async(service: InlineService) -> dict[str, int]:
+    return service.run()
+
+
+@inject
+def inline_commit_sync(service: InlineService) -> dict[str, int]:
+    return service.run()
+
+
 def request_scoped_app(async_endpoint: Any, sync_endpoint: Any) -> FastAPI:
     app = FastAPI()
     app.add_middleware(RequestScopeMiddleware)
@@ -409,9 +432,11 @@ async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Resul
     SessionLocal.configure(bind=engine)
     context_local_container = ContextLocalContainer()
     request_scoped_container = RequestScopedContainer()
+    inline_commit_container = InlineCommitContainer()
     this_module = [__name__]
     context_local_container.wire(modules=this_module)
     request_scoped_container.wire(modules=this_module)
+    inline_commit_container.wire(modules=this_module)
     dishka_fastapi, dishka_container = dishka_app()
 
     apps: list[tuple[str, str, Any, bool]] = [
@@ -438,6 +463,12 @@ async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Resul
             request_scoped_app(fastapi_provide_async, fastapi_provide_sync),
             True,
         ),
+        (
+            "RequestScoped + fastapi.Provide, offload=False",
+            "`unit_of_work(..., offload=False)`: the commit on the event loop, as the peers do",
+            request_scoped_app(inline_commit_async, inline_commit_sync),
+            True,
+        ),
     ]
     try:
         tables = []
@@ -452,6 +483,7 @@ async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Resul
     finally:
         context_local_container.unwire()
         request_scoped_container.unwire()
+        inline_commit_container.unwire()
         await dishka_container.close()
         engine.dispose()
 
