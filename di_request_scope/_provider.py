@@ -425,7 +425,7 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         if instance is _DONE:
             return self._create(scope, args, kwargs)
         if self._created_async:  # dependency-injector will wrap it in an awaitable
-            _require_loop(self._name, "was created asynchronously")
+            _require_loop(self._name, "was created asynchronously", scope._loop)
         return instance
 
     def _create(self, scope: RequestScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -464,6 +464,8 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                         "`async with request_scope()` (or the decorator on an async function)"
                     )
                 self._created_async = True
+                if scope._loop is None:
+                    scope._loop = loop
                 pending = scope._pending[self] = _Pending(self, scope, result, loop)
                 return pending.join()
             instance, finalizer = _enter_sync(result, self._name)
@@ -499,14 +501,19 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         return instance
 
 
-def _require_loop(name: str, what: str) -> None:
+def _require_loop(name: str, what: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
     try:
-        asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
     except RuntimeError:
         raise ScopeMisuseError(
             f"{name} {what}, but it was resolved from a thread with no running event loop (a sync "
             "endpoint or dependency); resolve it from async code"
         ) from None
+    if loop is not None and running is not loop:
+        raise ScopeMisuseError(
+            f"{name} {what} on another event loop, and an async instance (an AsyncSession) works only "
+            "on its own; a request scope belongs to one event loop: open a scope per loop"
+        )
 
 
 def _discard(result: Any) -> None:

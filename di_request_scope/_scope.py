@@ -81,6 +81,7 @@ class RequestScope:
         "_info",
         "_instances",
         "_lock",
+        "_loop",
         "_observers",
         "_origin",
         "_pending",
@@ -105,6 +106,8 @@ class RequestScope:
         self._response_started = False
         # Set by a sync `with request_scope()`: it cannot await async teardown.
         self._sync_only = False
+        # The event loop of the scope's first async creation: async instances belong to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Fixed for the scope's life, so its observers see it from opened to closed.
         # _info and _origin stay unset until asked for: unobserved scopes never pay for them.
         self._observers = _observers
