@@ -5,6 +5,7 @@
     python3 dev.py serve   serve the example on http://127.0.0.1:8000 (try /docs)
     python3 dev.py test    lint, type-check and run the whole test suite (args go to pytest)
     python3 dev.py bench   run the benchmarks
+    python3 dev.py soak    run the reliability suite's long versions (tests/reliability; args go to pytest)
     python3 dev.py docs    build the documentation site into site/ (warnings are errors)
 
 Each command creates or reuses the virtualenv in .venv and installs what it needs
@@ -71,7 +72,14 @@ def test(pytest_args: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def soak(pytest_args: list[str]) -> int:
+    """The long reliability runs: 20,000 requests per database, 100,000 in-process, more examples."""
+    ensure_venv("test")
+    os.environ["DI_REQUEST_SCOPE_SOAK"] = "1"  # tests/reliability/conftest.py switches the counts up
+    return run(str(PYTHON), "-m", "pytest", "tests/reliability", *pytest_args)
+
+
+def main(argv: list[str]) -> int:  # noqa: PLR0911 - one return per command
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
     if command == "demo":
         ensure_venv("demo")
@@ -87,6 +95,8 @@ def main(argv: list[str]) -> int:
     if command == "bench":
         ensure_venv("bench")
         return run(str(PYTHON), "-m", "benchmarks", *rest)
+    if command == "soak":
+        return soak(rest)
     print(__doc__)
     return 0 if command in ("help", "-h", "--help") else 2
 
