@@ -13,6 +13,7 @@ from .exceptions import (
     ScopeMisuseError,
     TeardownError,
 )
+from .wsgi import RequestScopeWSGIMiddleware
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "RequestScope",
     "RequestScopeError",
     "RequestScopeMiddleware",
+    "RequestScopeWSGIMiddleware",
     "RequestScoped",
     "ScopeMisuseError",
     "ScopeObserver",

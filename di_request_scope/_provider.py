@@ -459,9 +459,11 @@ class RequestScoped(providers.Provider[T], Generic[T]):
                 if scope._sync_only:
                     _discard(result)
                     raise ScopeMisuseError(
-                        f"{self._name} creates its instance asynchronously, but its scope was opened "
-                        "by a sync `with request_scope()`, which cannot await its teardown; use "
-                        "`async with request_scope()` (or the decorator on an async function)"
+                        f"{self._name} creates its instance asynchronously, but its scope is torn down "
+                        "synchronously (a sync `with request_scope()`, or RequestScopeWSGIMiddleware), "
+                        "which cannot await its teardown; use `async with request_scope()` (or the "
+                        "decorator on an async function), or under WSGI a sync instance (Session, "
+                        "not AsyncSession)"
                     )
                 self._created_async = True
                 if scope._loop is None:

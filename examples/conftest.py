@@ -32,5 +32,6 @@ def postgres_schema_url(postgres_url: str, unique_name: str) -> Iterator[str]:
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")  # a leaked transaction fails, not hangs
             conn.exec_driver_sql(f"DROP SCHEMA {unique_name} CASCADE")
         admin.dispose()
