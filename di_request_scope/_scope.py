@@ -201,18 +201,23 @@ class RequestScope:
             self._before_response.append(hook)
 
     async def _run_before_response(self) -> None:
+        """Run the hooks; one that fails fails the scope and propagates, so nothing is sent."""
         with self._lock:
             hooks, self._before_response = self._before_response, []
-        for hook in hooks:
-            # A sync hook that says it would block (a commit whose queries ran in a
-            # worker thread) goes to a worker thread; others run right here.
-            blocks = getattr(hook, "_di_request_scope_blocks", None)
-            if blocks is not None and blocks():
-                await _to_thread(hook)
-                continue
-            result = hook()
-            if result is not None:
-                await result
+        try:
+            for hook in hooks:
+                # A sync hook that says it would block (a commit whose queries ran in a
+                # worker thread) goes to a worker thread; others run right here.
+                blocks = getattr(hook, "_di_request_scope_blocks", None)
+                if blocks is not None and blocks():
+                    await _to_thread(hook)
+                    continue
+                result = hook()
+                if result is not None:
+                    await result
+        except BaseException as exc:
+            self.fail(exc)
+            raise
 
     def _run_before_response_sync(self) -> None:
         """Run the hooks where no event loop runs (WSGI): an async hook there is a setup error."""

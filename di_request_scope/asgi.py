@@ -212,13 +212,9 @@ class RequestScopeMiddleware:
             if kind == "http.response.start" and await client_left():
                 request_scope.fail(RequestFailed("the client disconnected before the response started"))
             if request_scope._failure is None:
-                try:
-                    await request_scope._run_before_response()
-                except BaseException as exc:
-                    # Raised into the app instead of sending the status: the
-                    # client gets a 5xx from the server or ServerErrorMiddleware.
-                    request_scope.fail(exc)
-                    raise
+                # A failure is raised into the app instead of sending the status:
+                # the client gets a 5xx from the server or ServerErrorMiddleware.
+                await request_scope._run_before_response()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal complete, accepted
@@ -313,12 +309,8 @@ class RequestScopeMiddleware:
             if current._failure is None:
                 await look_for_abnormal_close(current)
             if current._failure is None:
-                try:
-                    await current._run_before_response()
-                except BaseException as exc:
-                    # Raised from send() instead of sending the reply, as for HTTP.
-                    current.fail(exc)
-                    raise
+                # A failure is raised from send() instead of sending the reply, as for HTTP.
+                await current._run_before_response()
 
         async def end_message(ending: RequestScope, ending_token: Token[RequestScope | None]) -> None:
             error: BaseException | None = None
@@ -398,11 +390,7 @@ class RequestScopeMiddleware:
                 if is_failure_status(status):
                     connection.fail(RequestFailed(f"the response status was {status}", status_code=status))
                 elif connection._before_response:
-                    try:
-                        await connection._run_before_response()
-                    except BaseException as exc:
-                        connection.fail(exc)
-                        raise
+                    await connection._run_before_response()
                 connection._response_started = True
             await send(sent)
 
