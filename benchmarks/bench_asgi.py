@@ -34,6 +34,8 @@ Candidates:
                             dependency-injector's own ``Provide`` marker and ``@inject``
   RequestScoped, fastapi.Provide   the same with ``di_request_scope.fastapi.Provide`` (awaited by
                             FastAPI on the event loop instead of in its threadpool)
+  RequestScoped, fastapi.inject    ``di_request_scope.fastapi.inject`` with ``Annotated[Service,
+                            Provide[...]]``: the parameter hidden from FastAPI, no ``Depends``
   ..., offload=False        the same with ``unit_of_work(..., offload=False)``: a ``def`` endpoint's
                             commit runs on the event loop, as dishka's and that-depends' do
 """
@@ -63,6 +65,7 @@ from that_depends.providers import DIContextMiddleware
 
 from di_request_scope import RequestScoped, RequestScopeMiddleware
 from di_request_scope.fastapi import Provide as AsyncProvide
+from di_request_scope.fastapi import inject as hidden_inject
 from di_request_scope.sqlalchemy import unit_of_work
 
 from ._harness import Candidate, Result, Section, Settings, ameasure, async_timer, markdown_table
@@ -319,6 +322,19 @@ def fastapi_provide_sync(service: AsyncService) -> dict[str, int]:
     return service.run()
 
 
+HiddenService = Annotated[Service, ClassicProvide[RequestScopedContainer.service]]
+
+
+@hidden_inject
+async def hidden_inject_async(service: HiddenService) -> dict[str, int]:
+    return service.run()
+
+
+@hidden_inject
+def hidden_inject_sync(service: HiddenService) -> dict[str, int]:
+    return service.run()
+
+
 class InlineCommitContainer(containers.DeclarativeContainer):
     """The same, with the commit pinned to the event loop: what ``offload=False`` saves."""
 
@@ -461,6 +477,12 @@ async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Resul
             "RequestScoped + fastapi.Provide",
             "`RequestScopeMiddleware`, `di_request_scope.fastapi.Provide`",
             request_scoped_app(fastapi_provide_async, fastapi_provide_sync),
+            True,
+        ),
+        (
+            "RequestScoped + fastapi.inject",
+            "`di_request_scope.fastapi.inject`, `Annotated[Service, Provide[...]]`: no `Depends`",
+            request_scoped_app(hidden_inject_async, hidden_inject_sync),
             True,
         ),
         (

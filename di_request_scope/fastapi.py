@@ -14,15 +14,64 @@ FastAPI awaits them on the event loop; ``@inject`` then injects exactly as befor
 
 They are dependency-injector markers (subclasses), so everything else, wiring
 included, works unchanged.
+
+Faster still, :func:`inject` keeps the injected parameters away from FastAPI
+altogether, so no ``Depends`` is needed::
+
+    from dependency_injector.wiring import Provide
+    from di_request_scope.fastapi import inject
+
+    @app.get("/")
+    @inject
+    async def index(session: Session = Provide[Container.session]): ...
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast, get_args, get_origin
 
 from dependency_injector import wiring
 
-__all__ = ["Closing", "Provide", "Provider"]
+__all__ = ["Closing", "Provide", "Provider", "inject"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Classes at runtime; the stubs type them as marker instances.
+_MARKERS = cast("tuple[type, ...]", (wiring.Provide, wiring.Provider, wiring.Closing))
+
+
+def _is_injected(parameter: inspect.Parameter) -> bool:
+    """A ``Provide[...]`` default or ``Annotated`` mark, bare or in ``Depends(...)``."""
+    if get_origin(parameter.annotation) is Annotated:
+        candidates: tuple[Any, ...] = get_args(parameter.annotation)[1:]
+    else:
+        candidates = (parameter.default,)
+    return any(isinstance(getattr(c, "dependency", c), _MARKERS) for c in candidates)
+
+
+def inject(func: F) -> F:
+    """dependency-injector's ``@inject``, with the injected parameters hidden from FastAPI.
+
+    FastAPI then solves no dependency per injected parameter and runs no marker in
+    its threadpool: ``@inject``'s own wrapper resolves them, on the event loop for an
+    ``async def`` endpoint and in FastAPI's worker thread, with the endpoint, for a
+    ``def`` one. Mark parameters as dependency-injector does outside FastAPI
+    (``service: Service = Provide[Container.service]`` or
+    ``Annotated[Service, Provide[Container.service]]``); ``Depends(Provide[...])``
+    works too. The module must be wired, as for ``@inject``.
+
+    .. versionadded:: 0.2.0
+    """
+    # Evaluated annotations (``from __future__ import annotations`` makes them strings), so
+    # @inject finds ``Annotated`` markers and FastAPI reads the hidden signature as is.
+    signature = inspect.signature(func, eval_str=True)
+    func.__signature__ = signature  # type: ignore[attr-defined]
+    patched = wiring.inject(func)
+    kept = [parameter for parameter in signature.parameters.values() if not _is_injected(parameter)]
+    patched.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
+    return patched
+
 
 if TYPE_CHECKING:
     from dependency_injector.wiring import Closing, Provide, Provider

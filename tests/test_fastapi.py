@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -15,6 +16,7 @@ from fastapi import Depends, FastAPI
 
 from di_request_scope import RequestScoped, RequestScopeMiddleware
 from di_request_scope.fastapi import Closing, Provide, Provider
+from di_request_scope.fastapi import inject as hidden_inject
 
 WAIT = 10  # bounds a wait only a bug makes long
 
@@ -49,11 +51,46 @@ async def classic(first: object = Depends(wiring.Provide[Container.thing])) -> d
     return {"same": first is not None}
 
 
+created_in: list[int] = []
+
+
+def make_thing() -> object:
+    created_in.append(threading.get_ident())
+    return object()
+
+
+class HiddenContainer(containers.DeclarativeContainer):
+    thing = RequestScoped(make_thing)
+
+
+Thing = Annotated[object, wiring.Provide[HiddenContainer.thing]]
+
+
+@app.get("/hidden")
+@hidden_inject
+async def hidden(
+    q: int,
+    first: Thing,
+    second: object = wiring.Provide[HiddenContainer.thing],
+    third: object = Depends(wiring.Provide[HiddenContainer.thing]),
+) -> dict[str, Any]:
+    return {"q": q, "same": first is second is third, "loop": threading.get_ident()}
+
+
+@app.get("/hidden-sync")
+@hidden_inject
+def hidden_sync(first: Thing, second: object = wiring.Provide[HiddenContainer.thing]) -> dict[str, Any]:
+    return {"same": first is second, "thread": threading.get_ident()}
+
+
 @pytest.fixture
 def wired() -> Iterator[Container]:
     container = Container()
     container.wire(modules=[__name__])
+    hidden_container = HiddenContainer()
+    hidden_container.wire(modules=[__name__])
     yield container
+    hidden_container.unwire()
     container.unwire()
 
 
@@ -109,3 +146,35 @@ async def test_classic_provide_still_works_with_threads_free(wired: Container) -
     async with client() as http:
         assert (await http.get("/classic")).json() == {"same": True}
         assert (await http.get("/fast")).json() == {"same": True, "provider": True}
+
+
+def test_inject_hides_the_injected_parameters_from_fastapi() -> None:
+    """FastAPI sees only the endpoint's own parameters: nothing to solve, nothing in the OpenAPI schema."""
+    parameters = app.openapi()["paths"]["/hidden"]["get"]["parameters"]
+    assert [parameter["name"] for parameter in parameters] == ["q"]
+    assert "parameters" not in app.openapi()["paths"]["/hidden-sync"]["get"]
+
+
+@pytest.mark.anyio
+async def test_inject_resolves_on_the_event_loop_with_every_worker_thread_taken(
+    wired: Container, no_free_worker_thread: None
+) -> None:
+    """An async endpoint's hidden parameters are resolved by @inject itself, on the loop, all one instance."""
+    created_in.clear()
+    async with client() as http:
+        with anyio.fail_after(WAIT):
+            response = await http.get("/hidden", params={"q": 3})
+    body = response.json()
+    assert body == {"q": 3, "same": True, "loop": threading.get_ident()}
+    assert created_in == [threading.get_ident()]  # created once, on the loop
+
+
+@pytest.mark.anyio
+async def test_inject_resolves_a_sync_endpoints_parameters_in_its_worker_thread(wired: Container) -> None:
+    """A def endpoint gets its instances in the one thread hop FastAPI makes for the endpoint itself."""
+    created_in.clear()
+    async with client() as http:
+        body = (await http.get("/hidden-sync")).json()
+    assert body["same"] is True
+    assert created_in == [body["thread"]]
+    assert body["thread"] != threading.get_ident()
