@@ -336,16 +336,19 @@ class RequestScoped(providers.Provider[T], Generic[T]):
             super().reset_override()
 
     def enable_async_mode(self) -> None:
-        self._fast = False
-        super().enable_async_mode()
+        with _fast_lock:
+            self._fast = False
+            super().enable_async_mode()
 
     def disable_async_mode(self) -> None:
-        self._fast = False
-        super().disable_async_mode()
+        with _fast_lock:
+            self._fast = False
+            super().disable_async_mode()
 
     def reset_async_mode(self) -> None:
-        self._fast = False
-        super().reset_async_mode()
+        with _fast_lock:
+            self._fast = False
+            super().reset_async_mode()
 
     # The DeclarativeContainer class this provider was declared in, whose graph is
     # checked for captive dependencies before the first creation.
@@ -355,7 +358,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
     def __set_name__(self, owner: type, name: str) -> None:
         # DeclarativeContainer attributes: errors then say "Container.db".
         self._name = f"{owner.__name__}.{name}"
-        self._owner = owner
+        from dependency_injector import containers  # not at import: it imports FastAPI when installed
+
+        if issubclass(owner, containers.DeclarativeContainer):  # other classes have no graph to check
+            self._owner = owner
 
     def _check_not_captive(self) -> None:
         if self._owner is not None:

@@ -179,10 +179,12 @@ class RequestScope:
         for exceptions, error statuses and incomplete responses; jobs may call it
         to roll back without raising.
         """
-        if self._failure is None:
+        with self._lock:  # threads may fail the scope at once: exactly one of them wins
+            if self._failure is not None:
+                return
             self._failure = exc
-            if self._observers is not None:
-                self._observers.failed(self, exc)
+        if self._observers is not None:
+            self._observers.failed(self, exc)
 
     def call_before_response(self, hook: Hook) -> None:
         """Run ``hook`` (sync or async) just before a successful response starts.
@@ -210,7 +212,9 @@ class RequestScope:
                 # worker thread) goes to a worker thread; others run right here.
                 blocks = getattr(hook, "_di_request_scope_blocks", None)
                 if blocks is not None and blocks():
-                    await _to_thread(hook)
+                    # Shielded: a cancelled request must not tear the session down (in
+                    # another thread) while the commit is still running in this one.
+                    await _shielded(functools.partial(_to_thread, hook))
                     continue
                 result = hook()
                 if result is not None:
@@ -269,9 +273,12 @@ class RequestScope:
                 return None
             failure = self._failure
             if self._finalizers:
-                for fin in self._finalizers:
-                    if fin.is_async or fin.blocks is None or fin.blocks(failure):
-                        return None
+                try:
+                    for fin in self._finalizers:
+                        if fin.is_async or fin.blocks is None or fin.blocks(failure):
+                            return None
+                except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
+                    return None
                 finalizers = self._begin_close()
             else:  # nothing was created that needs teardown: the empty list needs no copy
                 self._closed = True

@@ -893,3 +893,74 @@ async def test_commits_never_wait_for_threads_held_by_requests_waiting_for_their
     assert db.texts() == texts
     assert engine.pool.checkedout() == 0
     engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_during_its_commit_tears_down_only_after_the_commit(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit in a worker thread is shielded: teardown never touches the session while it runs."""
+    import asyncio
+
+    from sqlalchemy import event, text
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'cancel.sqlite3'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (text TEXT)"))
+    committing, release = threading.Event(), threading.Event()
+    steps: list[str] = []
+
+    class RecordingSession(Session):
+        def rollback(self) -> None:
+            steps.append("rollback")
+            super().rollback()
+
+        def close(self) -> None:
+            steps.append("close")
+            super().close()
+
+    class Container(containers.DeclarativeContainer):
+        session = RequestScoped(
+            unit_of_work, providers.Object(sessionmaker(bind=engine, class_=RecordingSession))
+        )
+
+    container = Container()
+
+    def hold_the_commit(session: Session) -> None:
+        committing.set()
+        release.wait(30)
+        steps.append("committed")
+
+    event.listen(RecordingSession, "before_commit", hold_the_commit)
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.post("/notes")
+    def add() -> dict[str, bool]:
+        container.session().execute(text("INSERT INTO notes VALUES ('cancelled')"))
+        return {"ok": True}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        steps.append(message["type"])
+
+    scope = {"type": "http", "method": "POST", "path": "/notes", "headers": [], "query_string": b""}
+    request = asyncio.ensure_future(app(scope, receive, send))
+    try:
+        await asyncio.to_thread(committing.wait, 30)  # the commit runs in a worker thread now
+        request.cancel()
+        for _ in range(3):  # thread round trips: time for a teardown that did not wait to start
+            await asyncio.to_thread(lambda: None)
+        assert not request.done()  # the request waits for its commit
+    finally:
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        event.remove(RecordingSession, "before_commit", hold_the_commit)
+    # No response was sent; teardown (the failed request's rollback) came after the commit, not during it.
+    assert steps == ["committed", "rollback", "close"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert engine.pool.checkedout() == 0
+    engine.dispose()

@@ -168,3 +168,13 @@ async def test_a_captive_singleton_in_a_fastapi_app_fails_its_first_request_inst
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.get("/")).status_code == 500
         assert (await client.get("/")).status_code == 500
+
+
+def test_a_request_scoped_provider_on_a_plain_class_is_not_checked() -> None:
+    """Only DeclarativeContainer classes have a graph to check; any other class just holds the provider."""
+
+    class Holder:
+        thing = RequestScoped(Session)
+
+    with request_scope():
+        assert Holder.thing() is Holder.thing()
