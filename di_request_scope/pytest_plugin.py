@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._scope import request_scope
-
 if TYPE_CHECKING:
     from .testing import AsyncRolledBackTransaction, Overrides, RolledBackTransaction
 
@@ -38,6 +36,8 @@ _SCOPE_FIXTURE = "di_scope"
 
 def _in_scope(test: Callable[..., Any]) -> Callable[..., Any]:
     """``test`` wrapped in a scope of its own, as ``@request_scope()`` would, keeping its kind."""
+    from ._scope import request_scope
+
     if inspect.iscoroutinefunction(test):
 
         @functools.wraps(test)
@@ -55,8 +55,10 @@ def _in_scope(test: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+# hookwrapper, not wrapper=True: pytest loads this plugin wherever the package is installed, and
+# pluggy before 1.2 (pytest 7's range) rejects wrapper=True, which would abort the whole session.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, None]:
     """Run the body of a test that asked for ``di_scope`` inside a request scope.
 
     The scope wraps the call itself, not a fixture: then the test's own exception
@@ -65,19 +67,21 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
     (this hook runs before anyio's, which calls the wrapper).
     """
     if _SCOPE_FIXTURE not in pyfuncitem.fixturenames:
-        return (yield)
+        yield
+        return
     hypothesis = getattr(pyfuncitem.obj, "hypothesis", None)
     if hypothesis is not None:  # one scope per generated example, not one for them all
         inner = hypothesis.inner_test
         hypothesis.inner_test = _in_scope(inner)
         try:
-            return (yield)
+            yield
         finally:
             hypothesis.inner_test = inner
+        return
     original = pyfuncitem.obj
     pyfuncitem.obj = _in_scope(original)
     try:
-        return (yield)
+        yield
     finally:
         pyfuncitem.obj = original
 
