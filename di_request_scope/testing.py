@@ -252,11 +252,13 @@ class _Binding:
                 "instead (container.session_factory), or a RequestScoped(unit_of_work, ...)"
             )
         self._check_kind(provider, provider)
-        provides = getattr(provider, "provides", None)
-        if inspect.isclass(provides) and _makes_async_sessions(provider) is None:
+        if _makes_async_sessions(provider) is None:  # an engine's provider, say: refuse, never guess
+            provides = getattr(provider, "provides", provider)
+            what = getattr(provides, "__qualname__", repr(provides))
             raise TypeError(
-                f"{provider} provides {provides.__qualname__}, not a sessionmaker: bind the provider of the "
-                "app's sessionmaker (container.session_factory) or its RequestScoped session"
+                f"{provider} provides {what}, not a sessionmaker: bind the provider of the app's "
+                "sessionmaker (container.session_factory, a Singleton(sessionmaker, ...)) or its "
+                "RequestScoped session"
             )
         found = _options_of(provider)
         return providers.Object(self._factory({**(found or {}), **options}))

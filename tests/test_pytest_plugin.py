@@ -729,6 +729,7 @@ def test_bind_refuses_providers_that_make_no_sessions_or_the_other_kind(
 
     class Container(containers.DeclarativeContainer):
         repository = providers.Factory(Repository, session=None)
+        engine = providers.Singleton(create_engine, "sqlite://")
         async_factory = providers.Singleton(async_sessionmaker)
         async_session = RequestScoped(unit_of_work, async_factory)
         something = RequestScoped(async_session)
@@ -737,6 +738,8 @@ def test_bind_refuses_providers_that_make_no_sessions_or_the_other_kind(
     with RolledBackTransaction(engine) as tx:
         with pytest.raises(TypeError, match="provides Repository, not a sessionmaker"):
             tx.bind(container.repository)
+        with pytest.raises(TypeError, match="provides create_engine, not a sessionmaker"):
+            tx.bind(container.engine)  # a function, not a class: still refused
         with pytest.raises(
             TypeError, match="makes AsyncSession objects: bind it to an AsyncRolledBackTransaction"
         ):
