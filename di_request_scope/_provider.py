@@ -257,7 +257,10 @@ class RequestScoped(providers.Provider[T], Generic[T]):
 
     Raises:
         NoRequestScopeError: resolved with no open scope, or from a closed one.
-        ScopeMisuseError: an async instance resolved from a thread with no event loop.
+        ScopeMisuseError: an async instance resolved from a thread with no event loop,
+            or from another event loop than its scope's.
+        CaptiveDependencyError: a provider created once (``Singleton``, ``Resource``)
+            of the same container depends on this one.
 
     .. versionadded:: 0.1
     """

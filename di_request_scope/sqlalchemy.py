@@ -160,11 +160,12 @@ def unit_of_work(
 class _SyncUnitOfWork:
     """The sync unit of work as a context manager, so teardown can tell when it needs no thread.
 
-    Commit, rollback and close run where the session's transaction began: in a
-    worker thread when a sync endpoint or dependency did the queries there, on
-    the event loop when async code already ran them on the loop (it blocked the
-    loop for every query; a thread hop for the commit would only add latency).
-    A session holding no transaction does no I/O and is closed on the loop.
+    Unless ``offload`` pins them, commit and rollback run where the session's
+    transaction began: in a worker thread when a sync endpoint or dependency did
+    the queries there, on the event loop when async code already ran them on the
+    loop (it blocked the loop for every query; a thread hop for the commit would
+    only add latency). A session holding no transaction does no I/O and is closed
+    on the loop.
     """
 
     __slots__ = ("offload", "scope", "session")
