@@ -16,6 +16,7 @@ a new scope per call::
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -64,9 +65,16 @@ def spawn(func: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs)
 
     Raises:
         RuntimeError: no event loop is running in this thread.
+        TypeError: ``func`` is a plain (sync) function.
 
     .. versionadded:: 0.2.0
     """
+    if inspect.isfunction(func) and not inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"spawn() runs async jobs, and {_name(func)} is a sync function: make it `async def`, or give "
+            "a sync job its own scope with the @request_scope() decorator (run it in a thread with "
+            "asyncio.to_thread if it blocks)"
+        )
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -84,12 +92,19 @@ async def _in_own_scope(func: Callable[..., Awaitable[R]], args: Any, kwargs: An
     # Opened inside the new task, whose context is a copy of the caller's: setting
     # the new scope there leaves the caller's scope untouched.
     async with request_scope():
-        return await func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if not inspect.isawaitable(result):  # a callable object whose __call__ is sync
+            raise TypeError(
+                f"spawn() runs async jobs, and {_name(func)} returned {type(result).__name__}, not an "
+                "awaitable; its scope was rolled back: make it async, or use the @request_scope() decorator"
+            )
+        return await result
 
 
 def _finished(task: asyncio.Task[Any]) -> None:
     _running.discard(task)
-    if task.cancelled():
+    if task.cancelled():  # at shutdown, say: whatever it wrote was not committed
+        logger.warning("background job %s was cancelled; its request scope was rolled back", task.get_name())
         return
     exc = task.exception()  # also marks it retrieved: asyncio will not log it again
     if exc is not None:

@@ -239,6 +239,32 @@ def test_spawn_without_a_running_event_loop_says_what_to_do() -> None:
         spawn(job)
 
 
+def test_spawn_refuses_a_sync_function_before_running_it() -> None:
+    ran: list[bool] = []
+
+    def job() -> None:
+        ran.append(True)
+
+    with pytest.raises(TypeError, match=r"spawn\(\) runs async jobs, and .*job is a sync function"):
+        spawn(job)  # type: ignore[arg-type]
+    assert ran == []
+
+
+async def test_a_cancelled_job_is_logged_as_rolled_back(caplog: pytest.LogCaptureFixture) -> None:
+    started = asyncio.Event()
+
+    async def job() -> None:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    task = spawn(job)
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert any("was cancelled; its request scope was rolled back" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- task groups
 
 
