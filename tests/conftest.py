@@ -74,6 +74,9 @@ class UvicornServer:
         import uvicorn
 
         self.port = free_port()
+        # uvicorn closes a keep-alive connection idle for 5 s; on a loaded machine a client may reuse
+        # one just as it closes ("Server disconnected without sending a response").
+        config.setdefault("timeout_keep_alive", 60)
         self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **config)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
