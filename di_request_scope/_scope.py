@@ -268,23 +268,19 @@ class RequestScope:
         already ended), paying for neither a task, a shield nor a worker thread:
         with no await there is nothing a cancellation could cut off.
         """
+        if self._close_if_nothing_to_tear_down():
+            return []
         with self._lock:
             if self._pending or self._closed:
                 return None
             failure = self._failure
-            if self._finalizers:
-                try:
-                    for fin in self._finalizers:
-                        if fin.is_async or fin.blocks is None or fin.blocks(failure):
-                            return None
-                except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
-                    return None
-                finalizers = self._begin_close()
-            else:  # nothing was created that needs teardown: the empty list needs no copy
-                self._closed = True
-                self._before_response = []
-                self._instances = {}
-                finalizers = self._finalizers
+            try:
+                for fin in self._finalizers:
+                    if fin.is_async or fin.blocks is None or fin.blocks(failure):
+                        return None
+            except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
+                return None
+            finalizers = self._begin_close()
         errors: list[BaseException] = []
         for fin in finalizers:
             _run_sync(fin, failure, errors)
@@ -320,10 +316,7 @@ class RequestScope:
                     )
                 )
                 continue
-            try:
-                fin.run(self._failure)
-            except BaseException as exc:  # noqa: BLE001 - every finalizer must run
-                errors.append(exc)
+            _run_sync(fin, self._failure, errors)
         if self._observers is not None:
             self._observers.closed(self, errors)
         return errors
