@@ -22,7 +22,7 @@ __all__ = ["RequestScopeMiddleware", "container_lifespan"]
 # Marks the ASGI scope so a second copy of the middleware joins the first one's scope.
 _SCOPE_KEY = "di_request_scope"
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001})
-# How many bare ``await asyncio.sleep(0)`` yields _receive_ready() steps through.
+# How many bare ``await asyncio.sleep(0)`` yields a WebSocket's close check steps through.
 _CHECKPOINTS = 8
 _OTHER_TASK_WARNING = (
     "RequestScopeMiddleware(websocket_scope='message'): receive() returned the previous message in "
@@ -34,18 +34,23 @@ _OTHER_TASK_WARNING = (
 )
 
 
-async def _receive_nowait(receive: Receive) -> Message | None:
+async def _receive_nowait(receive: Receive, checkpoints: int = 1) -> Message | None:
     """The next message if ``receive()`` has one ready, else None; never waits, consumes nothing else.
 
     The coroutine is stepped by hand in this task: if it would wait, it is
     cancelled right there, before taking anything, as Starlette's
     ``is_disconnected()`` does with a cancel scope, minus a trip round the event loop.
+    ``checkpoints`` bare yields (``await sleep(0)``, which anyio's memory streams,
+    Starlette's ``TestClient``, make before taking a queued message) are stepped
+    through first; a yielded future is a real wait and stops there.
     """
     awaitable = receive()
     if not inspect.iscoroutine(awaitable):  # some other awaitable: let anyio cancel it
         return await _receive_nowait_anyio(awaitable)
     try:
-        awaitable.send(None)
+        for _ in range(checkpoints):
+            if awaitable.send(None) is not None:
+                break
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     try:
@@ -68,32 +73,6 @@ async def _receive_nowait_anyio(awaitable: Awaitable[Message]) -> Message | None
         cancel_scope.cancel()
         return await awaitable
     return None  # cancelled: it would have waited
-
-
-async def _receive_ready(receive: Receive) -> Message | None:
-    """Like :func:`_receive_nowait`, but steps through checkpoints before a queued message.
-
-    anyio's memory streams (Starlette's ``TestClient``) ``await sleep(0)`` before
-    taking a message that is already queued; resuming such a bare yield at once
-    changes nothing but fairness. A yielded future is a real wait: give up there.
-    """
-    awaitable = receive()
-    if not inspect.iscoroutine(awaitable):
-        return await _receive_nowait_anyio(awaitable)
-    try:
-        for _ in range(_CHECKPOINTS):
-            if awaitable.send(None) is not None:
-                break
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    try:
-        awaitable.throw(asyncio.CancelledError())
-    except asyncio.CancelledError:
-        return None
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    awaitable.close()
-    return None
 
 
 def default_is_failure_status(status: int) -> bool:
@@ -301,7 +280,7 @@ class RequestScopeMiddleware:
             # waiting and never while another task waits in receive().
             nonlocal peeked
             if peeked is None and not receiving:
-                peeked = await _receive_ready(receive)
+                peeked = await _receive_nowait(receive, _CHECKPOINTS)
             if peeked is not None:
                 check_disconnect(peeked, current, " while a message was being handled")
 
