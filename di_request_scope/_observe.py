@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _scope
-from ._scope import RequestScope, _Finalizer, logger
+from ._scope import RequestScope, _Finalizer, logger, run_step
 
 __all__ = ["LoggingObserver", "Observation", "ScopeObserver", "observe"]
 
@@ -171,13 +171,13 @@ class _Observers:
             self._notify(self._teardown_error, scope, name, error)
 
     def _wrap(self, scope: RequestScope, fin: _Finalizer) -> _Finalizer:
-        name, run = fin.name, fin.run
+        name = fin.name
         if fin.is_async:
 
             async def run_async(failure: BaseException | None) -> None:
                 started = perf_counter()
                 try:
-                    await run(failure)
+                    await run_step(fin, failure)
                 except BaseException as exc:
                     self._finished(scope, name, started, exc)
                     raise
@@ -188,7 +188,7 @@ class _Observers:
         def run_sync(failure: BaseException | None) -> None:
             started = perf_counter()
             try:
-                run(failure)
+                run_step(fin, failure)
             except BaseException as exc:
                 self._finished(scope, name, started, exc)
                 raise

@@ -14,10 +14,10 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from types import TracebackType
+from types import GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from .exceptions import NoRequestScopeError, ScopeMisuseError, TeardownError
@@ -50,16 +50,21 @@ _observers: _Observers | None = None
 class _Finalizer(NamedTuple):
     """One teardown step: ``run(failure)`` returns None, or an awaitable when ``is_async``.
 
+    ``run`` may also be a sync generator (a generator factory's, kept bare to
+    save a wrapper per instance): :func:`run_step` resumes it.
     ``blocks(failure)``, when given, tells whether a sync step may block on I/O;
     without it every sync step is assumed to block and runs in a worker thread.
     """
 
     name: str
     is_async: bool
-    run: Callable[[BaseException | None], Any]
+    run: Callable[[BaseException | None], Any] | Generator[Any, Any, Any]
     blocks: Callable[[BaseException | None], bool] | None = None
 
 
+# A teardown step as a scope keeps it: a bare generator is a generator factory's
+# (the common case, so it saves a _Finalizer per instance; see as_finalizer()).
+_Step = _Finalizer | GeneratorType  # type: ignore[type-arg]
 Hook = Callable[[], "Awaitable[None] | None"]
 
 
@@ -87,37 +92,44 @@ class RequestScope:
         "_pending",
         "_response_started",
         "_sync_only",
+        "_token",
     )
     # Unset until first needed: see __init__.
     _info: dict[Any, Any]
     _origin: str | None
+    _pending: dict[object, Any] | None
+    _finalizers: list[_Step] | None
+    _before_response: list[Hook] | None
+    _failure: BaseException | None
+    _loop: asyncio.AbstractEventLoop | None
+    _token: Token[RequestScope | None] | None
+    # Set by a sync `with request_scope()`, which cannot await async teardown.
+    _sync_only: bool
 
     def __init__(self) -> None:
         # provider -> instance; read without the lock on the hot path.
         self._instances: dict[object, object] = {}
-        # provider -> its async creation in flight (_provider._Pending).
-        self._pending: dict[object, Any] = {}
-        self._finalizers: list[_Finalizer] = []
-        self._before_response: list[Hook] = []
         # Reentrant: a factory may resolve another request-scoped provider.
         self._lock = _thread.RLock()  # threading.RLock() is a Python-level wrapper around this
-        self._closed = False
-        self._failure: BaseException | None = None
-        self._response_started = False
-        # Set by a sync `with request_scope()`: it cannot await async teardown.
-        self._sync_only = False
-        # The event loop of the scope's first async creation: async instances belong to it.
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Fixed for the scope's life, so its observers see it from opened to closed.
         # _info and _origin stay unset until asked for: unobserved scopes never pay for them.
         self._observers = _observers
+        self._closed = self._response_started = self._sync_only = False
+        # One chained assignment, as this runs once per request. Until first needed:
+        # _pending: provider -> its async creation in flight (_provider._Pending);
+        # _finalizers: teardown steps in creation order; _before_response: hooks;
+        # _failure: the first failure; _loop: the event loop of the first async
+        # creation (async instances belong to it); _token: the ContextVar token of
+        # an open request_scope() (a subclass), which is its own scope.
+        self._pending = self._finalizers = self._before_response = None
+        self._failure = self._loop = self._token = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         failed = f", failed={self._failure!r}" if self._failure is not None else ""
         return (
             f"<RequestScope {state}: {len(self._instances)} instances, "
-            f"{len(self._finalizers)} pending finalizers{failed}>"
+            f"{len(self._finalizers or ())} pending finalizers{failed}>"
         )
 
     def _opened(self, origin: str | None) -> None:
@@ -200,12 +212,15 @@ class RequestScope:
                     "the response has already started, so a before-response hook would never run; "
                     "check `scope.response_started` first and do the work at teardown instead"
                 )
-            self._before_response.append(hook)
+            if self._before_response is None:
+                self._before_response = [hook]
+            else:
+                self._before_response.append(hook)
 
     async def _run_before_response(self) -> None:
         """Run the hooks; one that fails fails the scope and propagates, so nothing is sent."""
         with self._lock:
-            hooks, self._before_response = self._before_response, []
+            hooks, self._before_response = self._before_response or (), None
         try:
             for hook in hooks:
                 # A sync hook that says it would block (a commit whose queries ran in a
@@ -226,7 +241,7 @@ class RequestScope:
     def _run_before_response_sync(self) -> None:
         """Run the hooks where no event loop runs (WSGI): an async hook there is a setup error."""
         with self._lock:
-            hooks, self._before_response = self._before_response, []
+            hooks, self._before_response = self._before_response or (), None
         for hook in hooks:
             result = hook()
             if result is not None:
@@ -246,17 +261,22 @@ class RequestScope:
                 return False
             self._instances[key] = instance
             if finalizer is not None:
-                self._finalizers.append(finalizer)
+                self._add_finalizer(finalizer)
             return True
+
+    def _add_finalizer(self, finalizer: _Step) -> None:
+        """Under the lock: one more teardown step."""
+        if self._finalizers is None:
+            self._finalizers = [finalizer]
+        else:
+            self._finalizers.append(finalizer)
 
     def _close_if_nothing_to_tear_down(self) -> bool:
         """Close at once when nothing was created: most requests never pay for teardown."""
         with self._lock:
             if self._finalizers or self._pending or self._closed:
                 return False
-            self._closed = True
-            self._before_response = []
-            self._instances = {}
+            self._mark_closed()
         if self._observers is not None:
             self._observers.closed(self, [])
         return True
@@ -268,55 +288,87 @@ class RequestScope:
         already ended), paying for neither a task, a shield nor a worker thread:
         with no await there is nothing a cancellation could cut off.
         """
-        if self._close_if_nothing_to_tear_down():
-            return []
         with self._lock:
             if self._pending or self._closed:
                 return None
+            finalizers = self._finalizers
             failure = self._failure
-            try:
-                for fin in self._finalizers:
-                    if fin.is_async or fin.blocks is None or fin.blocks(failure):
-                        return None
-            except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
-                return None
-            finalizers = self._begin_close()
+            if finalizers:
+                try:
+                    for fin in finalizers:
+                        if type(fin) is GeneratorType or fin.is_async or fin.blocks is None:
+                            return None
+                        if fin.blocks(failure):
+                            return None
+                except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
+                    return None
+            self._mark_closed()
         errors: list[BaseException] = []
-        for fin in finalizers:
-            _run_sync(fin, failure, errors)
+        if finalizers:
+            self._run_sync_steps(finalizers, errors)
         if self._observers is not None:
             self._observers.closed(self, errors)
         return errors
 
-    def _begin_close(self) -> list[_Finalizer]:
-        with self._lock:
+    def _mark_closed(self) -> None:
+        """Under the lock: nothing can be resolved, created or registered any more."""
+        self._closed = True
+        # An empty dict makes every later lookup miss and reach the closed check.
+        self._instances = {}
+        self._finalizers = self._before_response = None
+
+    def _begin_close(self) -> Sequence[_Step]:
+        """Mark the scope closed; return its teardown steps, newest first."""
+        lock = self._lock
+        lock.acquire()  # not `with`: acquire() and release() cost half as much
+        try:
             if self._closed:
                 raise ScopeMisuseError(f"{self!r} is already closed; a scope is closed exactly once")
-            self._closed = True
-            for pending in self._pending.values():
-                pending.abandon()
-            finalizers = self._finalizers[::-1]
-            self._finalizers = []
-            self._before_response = []
-            # An empty dict makes every later lookup miss and reach the closed check.
+            finalizers = self._finalizers
+            pending = self._pending
+            self._closed = True  # _mark_closed(), inlined: this runs once per scope
             self._instances = {}
+            self._finalizers = self._before_response = None
+            if pending:
+                for creation in pending.values():
+                    creation.abandon()
+        finally:
+            lock.release()
+        if not finalizers:
+            return []
+        finalizers.reverse()  # the list is ours alone now
         if self._observers is not None:
-            return self._observers.wrap(self, finalizers)
+            return self._observers.wrap(self, [as_finalizer(fin) for fin in finalizers])
         return finalizers
+
+    def _run_sync_steps(self, steps: list[_Step], errors: list[BaseException]) -> None:
+        """Run sync steps (given in creation order) newest first, as observers see them."""
+        finalizers = [as_finalizer(step) for step in reversed(steps)]
+        if self._observers is not None:
+            finalizers = self._observers.wrap(self, finalizers)
+        failure = self._failure
+        for fin in finalizers:
+            _run_sync(fin, failure, errors)
 
     def close(self) -> list[BaseException]:
         """Run every finalizer in reverse creation order; return their errors."""
         errors: list[BaseException] = []
+        failure = self._failure
         for fin in self._begin_close():
-            if fin.is_async:
-                errors.append(
-                    ScopeMisuseError(
-                        f"{fin.name} needs async teardown but its scope was closed synchronously; "
-                        "use `async with request_scope():` (or the decorator on an async function)"
+            try:
+                if type(fin) is GeneratorType:  # the common case first
+                    _finish_generator(fin, failure)
+                elif fin.is_async:
+                    errors.append(
+                        ScopeMisuseError(
+                            f"{fin.name} needs async teardown but its scope was closed synchronously; "
+                            "use `async with request_scope():` (or the decorator on an async function)"
+                        )
                     )
-                )
-                continue
-            _run_sync(fin, self._failure, errors)
+                else:
+                    run_step(fin, failure)
+            except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+                errors.append(exc)
         if self._observers is not None:
             self._observers.closed(self, errors)
         return errors
@@ -324,14 +376,14 @@ class RequestScope:
     async def aclose(self) -> list[BaseException]:
         """Like :meth:`close`, awaiting async finalizers and running sync ones in a worker thread."""
         errors: list[BaseException] = []
-        finalizers = self._begin_close()
+        finalizers = [as_finalizer(step) for step in self._begin_close()]
         failure = self._failure
         i = 0
         while i < len(finalizers):
             fin = finalizers[i]
             if fin.is_async:
                 try:
-                    await fin.run(failure)
+                    await run_step(fin, failure)
                 except BaseException as exc:  # noqa: BLE001 - every finalizer must run
                     errors.append(exc)
                 i += 1
@@ -353,9 +405,53 @@ class RequestScope:
 
 def _run_sync(fin: _Finalizer, failure: BaseException | None, errors: list[BaseException]) -> None:
     try:
-        fin.run(failure)
+        run_step(fin, failure)
     except BaseException as exc:  # noqa: BLE001 - every finalizer must run
         errors.append(exc)
+
+
+def as_finalizer(step: _Step) -> _Finalizer:
+    """The step a scope keeps, as a ``_Finalizer``: what observers and ``aclose()`` work with."""
+    if type(step) is GeneratorType:
+        return _Finalizer(_generator_name(step), False, step)
+    return step
+
+
+def _generator_name(gen: Generator[Any, Any, Any]) -> str:
+    return f"RequestScoped({getattr(gen, '__qualname__', 'generator')})"
+
+
+def run_step(fin: _Finalizer, failure: BaseException | None) -> Any:
+    """Run one teardown step; an awaitable for an async one."""
+    run = fin.run
+    if type(run) is GeneratorType:
+        return _finish_generator(run, failure, fin.name)
+    return run(failure)  # type: ignore[operator]
+
+
+def _finish_generator(
+    gen: Generator[Any, Any, Any], failure: BaseException | None, name: str | None = None
+) -> None:
+    if failure is None:
+        if next(gen, _DONE) is _DONE:
+            return
+    else:
+        try:
+            gen.throw(failure)
+        except StopIteration:
+            return
+        except BaseException as exc:
+            if exc is failure:  # re-raised after rollback: the expected path
+                return
+            raise
+    gen.close()
+    raise ScopeMisuseError(
+        f"generator initializer of {name or _generator_name(gen)} yielded more than once; it must "
+        "yield exactly once"
+    )
+
+
+_DONE = object()
 
 
 def _run_sync_batch(batch: list[_Finalizer], failure: BaseException | None) -> list[BaseException]:
@@ -482,7 +578,11 @@ async def _aclose_and_report(scope: RequestScope, body_error: BaseException | No
     raise_teardown_errors(errors, body_error)
 
 
-class request_scope:  # noqa: N801 - used like a function, as contextlib's helpers are
+def _not_entered() -> ScopeMisuseError:
+    return ScopeMisuseError("request_scope() exited without being entered")
+
+
+class request_scope(RequestScope):  # noqa: N801 - used like a function, as contextlib's helpers are
     """Open a request scope outside HTTP: jobs, CLI commands, tests.
 
     Works as ``with request_scope():``, ``async with request_scope():`` and as a
@@ -497,36 +597,39 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_scope", "_token")
-    # What observers are told opened the scope; _NamedScope (the decorator's) names the function.
-    _origin = "request_scope()"
-
-    def __init__(self) -> None:
-        self._scope: RequestScope | None = None
-        self._token: Token[RequestScope | None] | None = None
+    # The object is the scope itself (one allocation per block, not two); its
+    # _token is set while it is open. What observers are told opened the scope:
+    # _NamedScope (the decorator's) names the function.
+    __slots__ = ()
+    _opened_by = "request_scope()"
 
     def _open(self) -> RequestScope:
-        if self._scope is not None:
+        if self._token is not None or self._closed:
             raise ScopeMisuseError(
-                "this request_scope() is already open; create a new request_scope() for each block"
+                "this request_scope() is already open, or was used; create a new request_scope() for "
+                "each block"
             )
-        scope = self._scope = RequestScope()
-        self._token = _current.set(scope)
-        if scope._observers is not None:
-            scope._opened(self._origin)
-        return scope
+        self._token = _current.set(self)
+        if self._observers is not None:
+            self._opened(self._opened_by)
+        return self
 
-    def _take(self) -> tuple[RequestScope, Token[RequestScope | None]]:
-        scope, token = self._scope, self._token
-        if scope is None or token is None:
-            raise ScopeMisuseError("request_scope() exited without being entered")
-        self._scope = self._token = None
-        return scope, token
+    def _take(self) -> Token[RequestScope | None]:
+        token = self._token
+        if token is None:
+            raise _not_entered()
+        self._token = None
+        return token
 
     def __enter__(self) -> RequestScope:
-        scope = self._open()
-        scope._sync_only = True
-        return scope
+        # _open(), inlined: jobs and tests open a scope per call.
+        if self._token is not None or self._closed:
+            self._open()  # raises the error
+        self._sync_only = True
+        self._token = _current.set(self)
+        if self._observers is not None:
+            self._opened(self._opened_by)
+        return self
 
     def __exit__(
         self,
@@ -534,11 +637,14 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        scope, token = self._take()
+        token = self._token  # _take(), inlined
+        if token is None:
+            raise _not_entered()
+        self._token = None
         try:
             if exc is not None:
-                scope.fail(exc)
-            errors = scope.close()
+                self.fail(exc)
+            errors = self.close()
         finally:
             _current.reset(token)
         if errors:
@@ -553,11 +659,11 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        scope, token = self._take()
+        token = self._take()
         try:
             if exc is not None:
-                scope.fail(exc)
-            await _aclose_and_report(scope, exc)
+                self.fail(exc)
+            await _aclose_and_report(self, exc)
         finally:
             _current.reset(token)
 
@@ -652,8 +758,8 @@ class request_scope:  # noqa: N801 - used like a function, as contextlib's helpe
 class _NamedScope(request_scope):
     """A ``request_scope()`` whose observers are told ``origin``: the decorated function."""
 
-    __slots__ = ("_origin",)
+    __slots__ = ("_opened_by",)
 
     def __init__(self, origin: str) -> None:
         super().__init__()
-        self._origin = origin
+        self._opened_by = origin
