@@ -186,12 +186,11 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     cls = type(result)
     if _is_context_manager(cls):
         instance = cls.__enter__(result)
-        return instance, _Finalizer(
-            name,
-            False,
-            lambda failure: cls.__exit__(result, *_exit_args(failure)),
-            getattr(result, "_di_request_scope_blocks", None),
-        )
+        # Our own context managers (the unit of work) take the failure directly.
+        run = getattr(result, "_di_request_scope_exit", None)
+        if run is None:
+            run = lambda failure: cls.__exit__(result, *_exit_args(failure))  # noqa: E731
+        return instance, _Finalizer(name, False, run, getattr(result, "_di_request_scope_blocks", None))
     return result, None
 
 

@@ -20,11 +20,11 @@ from contextvars import ContextVar, Token
 from types import GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
+from ._threads import run_in_thread
 from .exceptions import NoRequestScopeError, ScopeMisuseError, TeardownError
 
 try:  # anyio comes with Starlette/FastAPI; plain asyncio is the fallback.
     import anyio
-    import anyio.to_thread
 
     _HAS_ANYIO = True
 except ImportError:  # pragma: no cover - exercised only without anyio installed
@@ -229,7 +229,9 @@ class RequestScope:
                 if blocks is not None and blocks():
                     # Shielded: a cancelled request must not tear the session down (in
                     # another thread) while the commit is still running in this one.
-                    await _shielded(functools.partial(_to_thread, hook))
+                    _, cancelled = await _shield_future(run_in_thread(hook))
+                    if cancelled:
+                        raise asyncio.CancelledError
                     continue
                 result = hook()
                 if result is not None:
@@ -288,25 +290,34 @@ class RequestScope:
         already ended), paying for neither a task, a shield nor a worker thread:
         with no await there is nothing a cancellation could cut off.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: acquire() and release() cost half as much
+        try:
             if self._pending or self._closed:
                 return None
             finalizers = self._finalizers
             failure = self._failure
-            if finalizers:
-                try:
-                    for fin in finalizers:
-                        if type(fin) is GeneratorType or fin.is_async or fin.blocks is None:
-                            return None
-                        if fin.blocks(failure):
-                            return None
-                except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
-                    return None
-            self._mark_closed()
+            if finalizers and _may_wait(finalizers, failure):
+                return None
+            self._closed = True  # _mark_closed(), inlined: every request ends here
+            if self._instances:
+                self._instances = {}  # later lookups miss and reach the closed check
+            self._finalizers = self._before_response = None
+        finally:
+            lock.release()
         errors: list[BaseException] = []
         if finalizers:
-            self._run_sync_steps(finalizers, errors)
-        if self._observers is not None:
+            if self._observers is None:
+                # None is a bare generator (see above): each step's run() is a callable.
+                for fin in reversed(finalizers):
+                    try:
+                        fin.run(failure)
+                    except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+                        errors.append(exc)
+            else:
+                self._run_sync_steps(finalizers, errors)
+                self._observers.closed(self, errors)
+        elif self._observers is not None:
             self._observers.closed(self, errors)
         return errors
 
@@ -403,6 +414,17 @@ class RequestScope:
         return errors
 
 
+def _may_wait(steps: list[_Step], failure: BaseException | None) -> bool:
+    """Whether a step awaits or may block, so that teardown needs a task or a thread."""
+    try:
+        for fin in steps:
+            if type(fin) is GeneratorType or fin.is_async or fin.blocks is None or fin.blocks(failure):
+                return True
+    except Exception:  # noqa: BLE001 - aclose() runs the steps and reports their errors
+        return True
+    return False
+
+
 def _run_sync(fin: _Finalizer, failure: BaseException | None, errors: list[BaseException]) -> None:
     try:
         run_step(fin, failure)
@@ -462,15 +484,8 @@ def _run_sync_batch(batch: list[_Finalizer], failure: BaseException | None) -> l
 
 
 async def _to_thread(func: Callable[[], R]) -> R:
-    """Run blocking teardown (``Session.close()``) off the event loop.
-
-    Not under anyio's default limiter, which sync endpoints share: a commit holding a
-    pooled connection must never queue for a thread behind requests that wait for that
-    connection (FastAPI runs ``yield`` dependencies' exits the same way, for the same reason).
-    """
-    if _HAS_ANYIO:
-        return await anyio.to_thread.run_sync(func, limiter=anyio.CapacityLimiter(1))
-    return await asyncio.to_thread(func)  # pragma: no cover
+    """Run blocking teardown (``Session.close()``) off the event loop (see ``_threads``)."""
+    return await run_in_thread(func)
 
 
 async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
@@ -481,7 +496,11 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
     down), and a commit or rollback cut off half-way would lose data or a
     connection. The caller re-raises the cancellation once it has reported errors.
     """
-    task = asyncio.ensure_future(func())
+    return await _shield_future(asyncio.ensure_future(func()))
+
+
+async def _shield_future(future: asyncio.Future[R]) -> tuple[R, bool]:
+    """:func:`_shield` for work already under way: a task, or a worker thread's future."""
     cancelled = False
     while True:
         try:
@@ -489,10 +508,10 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
                 # Without the anyio shield, anyio would re-deliver its (level-
                 # triggered) cancellation at every await and spin this loop.
                 with anyio.CancelScope(shield=True):
-                    return await asyncio.shield(task), cancelled
-            return await asyncio.shield(task), cancelled  # pragma: no cover
+                    return await asyncio.shield(future), cancelled
+            return await asyncio.shield(future), cancelled  # pragma: no cover
         except asyncio.CancelledError:
-            if task.done():
+            if future.done():
                 raise
             cancelled = True
 

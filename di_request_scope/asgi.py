@@ -135,22 +135,18 @@ class RequestScopeMiddleware:
 
     # Any, not Scope/Receive/Send: Litestar types the ASGI interface with TypedDicts, which mypy
     # does not accept where a MutableMapping[str, Any] is expected.
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # noqa: PLR0912 - one state machine
-        kind = scope["type"]
-        if kind not in ("http", "websocket") or _SCOPE_KEY in scope:
-            await self.app(scope, receive, send)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or _SCOPE_KEY in scope:
+            await self._call_other(scope, receive, send)
             return
-        if kind == "websocket" and self.websocket_scope == "message":
-            await self._call_per_message(scope, receive, send)
-            return
-
+        # HTTP, inline: every request pays for this code, so it is kept short.
         request_scope = RequestScope()
         scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
         if request_scope._observers is not None:
-            request_scope._opened(f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
+            request_scope._opened(f"{scope.get('method', '')} {scope.get('path', '')}")
         is_failure_status = self.is_failure_status
-        complete = client_gone = accepted = False
+        complete = client_gone = False
         receiving = 0
         peeked: Message | None = None
 
@@ -165,51 +161,113 @@ class RequestScopeMiddleware:
                 message = await receive()
             finally:
                 receiving -= 1
-            kind = message["type"]
-            if kind == "http.disconnect" and not complete:
+            if message["type"] == "http.disconnect" and not complete:
                 client_gone = True
-            elif kind == "websocket.disconnect":
-                code = message.get("code", 1005)
-                if code not in _NORMAL_CLOSE_CODES:
-                    request_scope.fail(RequestFailed(f"the client closed the WebSocket with code {code}"))
             return message
 
-        async def client_left() -> bool:
+        async def before_response_start() -> None:
             # Servers drop sends to a closed connection silently, so look before
             # committing: a receive() that does not block tells, one that would
             # block is cancelled at once and consumes nothing. Never while the app
             # itself waits in receive(): a server may deliver the disconnect once.
             nonlocal client_gone, peeked
-            if client_gone or peeked is not None or receiving:
-                return client_gone
-            peeked = await _receive_nowait(receive)
-            if peeked is not None:
-                client_gone = peeked["type"] == "http.disconnect"
-            return client_gone
-
-        async def before_response_start(kind: str) -> None:
-            if kind == "http.response.start" and await client_left():
+            if not client_gone and peeked is None and not receiving:
+                peeked = await _receive_nowait(receive)
+                if peeked is not None:
+                    client_gone = peeked["type"] == "http.disconnect"
+            if client_gone:
                 request_scope.fail(RequestFailed("the client disconnected before the response started"))
-            if request_scope._failure is None:
+            else:
                 # A failure is raised into the app instead of sending the status:
                 # the client gets a 5xx from the server or ServerErrorMiddleware.
                 await request_scope._run_before_response()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal complete, accepted
+            nonlocal complete
             kind = message["type"]
-            if kind == "http.response.start" or kind == "websocket.http.response.start":  # noqa: PLR1714
+            if kind == "http.response.body":
+                if not message.get("more_body", False):
+                    complete = True
+            elif kind == "http.response.start":
+                status = message["status"]
+                default = is_failure_status is default_is_failure_status  # inlined, then
+                if status >= 400 if default else is_failure_status(status):
+                    request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
+                elif request_scope._before_response and request_scope._failure is None:
+                    await before_response_start()
+                request_scope._response_started = True
+            elif kind == "http.response.pathsend":
+                complete = True
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            request_scope.fail(exc)
+            raise
+        finally:
+            if error is None and (client_gone or not complete):
+                request_scope.fail(
+                    RequestFailed(
+                        "the client disconnected before the response completed"
+                        if client_gone
+                        else "the app returned without completing the response"
+                    )
+                )
+            cancelled = False
+            try:
+                closed_now = request_scope._close_now()
+                if closed_now is None:
+                    errors, cancelled = await _shield(request_scope.aclose)
+                else:
+                    errors = closed_now
+                if errors:
+                    self._log_teardown_errors(scope, request_scope, errors)
+            finally:
+                _current.reset(token)
+            if cancelled and error is None:
+                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+
+    async def _call_other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anything but a first pass of an HTTP request: WebSockets, lifespan, a nested copy."""
+        kind = scope["type"]
+        if kind != "websocket" or _SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+        elif self.websocket_scope == "message":
+            await self._call_per_message(scope, receive, send)
+        else:
+            await self._call_websocket(scope, receive, send)
+
+    async def _call_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection with one scope."""
+        request_scope = RequestScope()
+        scope[_SCOPE_KEY] = request_scope
+        token = _current.set(request_scope)
+        if request_scope._observers is not None:
+            request_scope._opened(f"WEBSOCKET {scope.get('path', '')}")
+        is_failure_status = self.is_failure_status
+        accepted = False
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code", 1005)
+                if code not in _NORMAL_CLOSE_CODES:
+                    request_scope.fail(RequestFailed(f"the client closed the WebSocket with code {code}"))
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal accepted
+            kind = message["type"]
+            if kind == "websocket.http.response.start":
                 status = message["status"]
                 if is_failure_status(status):
                     request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
-                elif request_scope._before_response:
-                    await before_response_start(kind)
+                elif request_scope._before_response and request_scope._failure is None:
+                    await request_scope._run_before_response()
                 request_scope._response_started = True
-            elif kind == "http.response.body":
-                if not message.get("more_body", False):
-                    complete = True
-            elif kind == "http.response.pathsend":
-                complete = True
             elif kind == "websocket.accept":
                 accepted = True
             elif kind == "websocket.close":
@@ -228,20 +286,9 @@ class RequestScopeMiddleware:
             request_scope.fail(exc)
             raise
         finally:
-            if kind == "http" and error is None:
-                if client_gone:
-                    request_scope.fail(RequestFailed("the client disconnected before the response completed"))
-                elif not complete:
-                    request_scope.fail(RequestFailed("the app returned without completing the response"))
             cancelled = False
             try:
-                closed_now = request_scope._close_now()
-                if closed_now is None:
-                    errors, cancelled = await _shield(request_scope.aclose)
-                else:
-                    errors = closed_now
-                if errors:
-                    self._log_teardown_errors(scope, request_scope, errors)
+                cancelled = await self._close_and_log(scope, request_scope)
             finally:
                 _current.reset(token)
             if cancelled and error is None:

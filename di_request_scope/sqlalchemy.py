@@ -153,7 +153,8 @@ def unit_of_work(
     session.info[_UNIT_OF_WORK] = True
     if is_async:
         return _async_unit_of_work(session, scope)  # type: ignore[arg-type]
-    _listen_for_begins()
+    if not _listening:
+        _listen_for_begins()
     return _SyncUnitOfWork(session, scope, offload)  # type: ignore[arg-type]
 
 
@@ -174,7 +175,7 @@ class _SyncUnitOfWork:
         self.session = session
         self.scope = scope
         self.offload = offload
-        if not scope.response_started:  # created after the status: commit at teardown only
+        if not scope._response_started:  # created after the status: commit at teardown only
             scope.call_before_response(self)
 
     def __call__(self) -> None:
@@ -186,6 +187,10 @@ class _SyncUnitOfWork:
         return self.session
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._di_request_scope_exit(exc)
+
+    def _di_request_scope_exit(self, exc: BaseException | None) -> None:
+        """The teardown step, called by the scope with its failure (saves unpacking it for ``__exit__``)."""
         session = self.session
         try:
             if exc is not None:

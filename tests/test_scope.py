@@ -148,6 +148,18 @@ def test_entering_one_request_scope_object_twice_raises_scope_misuse() -> None:
         current_scope()
 
 
+def test_a_request_scope_object_is_its_scope_and_is_not_reopened_after_closing() -> None:
+    """Reopening would revive the scope for contexts that outlived it; it raises instead."""
+    opener = request_scope()
+    with opener as scope:
+        late = contextvars.copy_context()
+    assert scope is opener
+    with pytest.raises(ScopeMisuseError, match="was used; create a new request_scope"), opener:
+        pass  # pragma: no cover - never entered
+    with pytest.raises(NoRequestScopeError, match="already closed"):
+        late.run(current_scope)
+
+
 def test_exiting_a_request_scope_that_was_never_entered_raises_scope_misuse() -> None:
     """``__exit__`` without ``__enter__`` is a misuse, not a silent no-op."""
     with pytest.raises(ScopeMisuseError, match="without being entered"):

@@ -1,0 +1,96 @@
+"""Worker threads for blocking teardown and commits, off the event loop.
+
+Not anyio's default limiter, which sync endpoints share: a commit holding a
+pooled connection must never queue for a thread behind requests that wait for
+that connection (FastAPI runs ``yield`` dependencies' exits outside it for the
+same reason). Not a bounded executor either: commits blocked on each other's row
+locks would then wait for each other's threads. So a thread is always
+available: an idle one, or a new one; idle threads exit after a while.
+
+A hop here is one queue put and one ``call_soon_threadsafe``: no limiter, no
+checkpoint, and no task to shield, since a future shields with no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["run_in_thread"]
+
+R = TypeVar("R")
+
+# How long an idle worker waits for work before it exits.
+IDLE_SECONDS = 10.0
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", contextvars.Context, Callable[[], Any]]
+
+_lock = threading.Lock()
+# Inboxes of idle workers, most recently idle last (it is reused first: its stack is warm).
+_idle: list[queue.SimpleQueue[_Job]] = []
+
+
+def _forget_workers() -> None:
+    """In a forked child: the parent's workers do not exist here."""
+    global _lock  # noqa: PLW0603 - a lock held by another thread at fork time stays held forever
+    _lock = threading.Lock()
+    _idle.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():  # an unshielded caller gave up; the work is done anyway
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _work(inbox: queue.SimpleQueue[_Job]) -> None:
+    while True:
+        try:
+            loop, future, context, func = inbox.get(timeout=IDLE_SECONDS)
+        except queue.Empty:
+            with _lock:
+                if inbox in _idle:  # nobody picked this worker meanwhile: retire it
+                    _idle.remove(inbox)
+                    return
+            continue  # picked just now: its job is on the way
+        try:
+            result, error = context.run(func), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        del func, context
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        del loop, future, result, error  # hold nothing while idle
+        with _lock:
+            _idle.append(inbox)
+
+
+def run_in_thread(func: Callable[[], R]) -> asyncio.Future[R]:
+    """Start ``func()`` in a worker thread, in a copy of this context; await the returned future.
+
+    Cancelling the future (or a task awaiting it without ``asyncio.shield``) does
+    not stop the work: threads cannot be interrupted. Shield it to wait anyway.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[R] = loop.create_future()
+    job: _Job = (loop, future, contextvars.copy_context(), func)
+    with _lock:
+        inbox = _idle.pop() if _idle else None
+    if inbox is None:
+        inbox = queue.SimpleQueue()
+        threading.Thread(target=_work, args=(inbox,), name="di_request_scope worker", daemon=True).start()
+    inbox.put(job)
+    return future

@@ -1,0 +1,121 @@
+"""The worker threads that run blocking commits and teardown off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import multiprocessing
+import threading
+
+import pytest
+
+from di_request_scope import _threads
+from di_request_scope._threads import run_in_thread
+
+pytestmark = pytest.mark.anyio
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "di_request_scope worker"]
+
+
+async def test_the_function_runs_in_another_thread_in_a_copy_of_the_callers_context() -> None:
+    request_id.set("request 1")
+    thread, value = await run_in_thread(lambda: (threading.get_ident(), request_id.get()))
+    assert value == "request 1"
+    assert thread != threading.get_ident()
+
+
+async def test_an_exception_in_the_worker_is_raised_to_the_awaiting_coroutine() -> None:
+    def fail() -> None:
+        raise LookupError("from the worker")
+
+    with pytest.raises(LookupError, match="from the worker"):
+        await run_in_thread(fail)
+
+
+async def test_jobs_never_queue_behind_each_other() -> None:
+    """Twelve jobs that each wait for all the others finish: a bounded pool would deadlock here.
+
+    (Commits blocked on each other's row locks are this situation; the barrier's
+    timeout turns a deadlock into a failure instead of a hang.)
+    """
+    jobs = 12
+    barrier = threading.Barrier(jobs, timeout=30)
+    results = await asyncio.gather(*(run_in_thread(barrier.wait) for _ in range(jobs)))
+    assert sorted(results) == list(range(jobs))
+
+
+async def test_an_idle_worker_is_reused() -> None:
+    first = await run_in_thread(threading.get_ident)
+    second = await run_in_thread(threading.get_ident)
+    assert first == second
+
+
+async def test_idle_workers_exit_after_the_idle_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_threads, "IDLE_SECONDS", 0.05)
+    release = threading.Event()
+
+    def job() -> threading.Thread:
+        release.wait(30)
+        return threading.current_thread()
+
+    # Two at once, so that two workers run them; each then waits for work with the short timeout.
+    started = [run_in_thread(job) for _ in range(2)]  # both submitted now: the first blocks its worker
+    release.set()
+    workers = set(await asyncio.gather(*started))
+    assert len(workers) == 2
+    for worker in workers:
+        worker.join(timeout=30)  # returns as soon as the worker exits
+    assert not any(worker.is_alive() for worker in workers)
+    assert not any(worker in workers for worker in _workers())
+
+
+async def test_a_cancelled_waiter_leaves_the_worker_usable() -> None:
+    release = threading.Event()
+    done = threading.Event()
+
+    def blocked() -> None:
+        release.wait(30)
+        done.set()
+
+    waiter = run_in_thread(blocked)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    release.set()
+    assert await asyncio.to_thread(done.wait, 30)
+    assert await run_in_thread(lambda: "still working") == "still working"
+
+
+def _run_in_child(results: multiprocessing.Queue[str]) -> None:
+    results.put(asyncio.run(_child_job()))
+
+
+async def _child_job() -> str:
+    return await run_in_thread(lambda: "ran in the child")
+
+
+@pytest.mark.skipif(not hasattr(multiprocessing, "get_context"), reason="no multiprocessing")
+async def test_a_forked_child_gets_workers_of_its_own() -> None:
+    """The parent's idle workers do not exist in a forked child; handing them work would hang it."""
+    await run_in_thread(lambda: None)  # leaves an idle worker behind in this process
+    assert _threads._idle
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue[str] = context.Queue()
+    child = context.Process(target=_run_in_child, args=(results,))
+    child.start()
+    try:
+        assert results.get(timeout=60) == "ran in the child"
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():  # hung: do not leave it behind
+            child.kill()
+    assert child.exitcode == 0
