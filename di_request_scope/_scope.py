@@ -338,7 +338,8 @@ class RequestScope:
             finalizers = self._finalizers
             pending = self._pending
             self._closed = True  # _mark_closed(), inlined: this runs once per scope
-            self._instances = {}
+            if self._instances:
+                self._instances = {}  # later lookups miss and reach the closed check
             self._finalizers = self._before_response = None
             if pending:
                 for creation in pending.values():
@@ -368,7 +369,8 @@ class RequestScope:
         for fin in self._begin_close():
             try:
                 if type(fin) is GeneratorType:  # the common case first
-                    _finish_generator(fin, failure)
+                    if failure is not None or next(fin, _DONE) is not _DONE:  # else done: inlined
+                        _finish_generator(fin, failure, resumed=failure is None)
                 elif fin.is_async:
                     errors.append(
                         ScopeMisuseError(
@@ -452,10 +454,15 @@ def run_step(fin: _Finalizer, failure: BaseException | None) -> Any:
 
 
 def _finish_generator(
-    gen: Generator[Any, Any, Any], failure: BaseException | None, name: str | None = None
+    gen: Generator[Any, Any, Any],
+    failure: BaseException | None,
+    name: str | None = None,
+    *,
+    resumed: bool = False,
 ) -> None:
+    """Run a generator's teardown with the scope's outcome; ``resumed``: it yielded again already."""
     if failure is None:
-        if next(gen, _DONE) is _DONE:
+        if not resumed and next(gen, _DONE) is _DONE:
             return
     else:
         try:
