@@ -149,8 +149,32 @@ def request_scoped() -> FastAPI:
     return bench_asgi.request_scoped_app(bench_asgi.fastapi_provide_async, bench_asgi.fastapi_provide_sync)
 
 
+def request_scoped_inject() -> FastAPI:
+    _memory_engine()
+    _request_scoped_container()
+    return bench_asgi.request_scoped_app(bench_asgi.hidden_inject_async, bench_asgi.hidden_inject_sync)
+
+
+def request_scoped_inline_commit() -> FastAPI:
+    _memory_engine()
+    container = bench_asgi.InlineCommitContainer()
+    container.wire(modules=[bench_asgi])
+    _containers.append(container)
+    return bench_asgi.request_scoped_app(bench_asgi.inline_commit_async, bench_asgi.inline_commit_sync)
+
+
 READ_FACTORIES: dict[str, Callable[[], FastAPI]] = {
-    f.__name__: f for f in (bare, bare_middleware, depends, dishka, that_depends, request_scoped)
+    f.__name__: f
+    for f in (
+        bare,
+        bare_middleware,
+        depends,
+        dishka,
+        that_depends,
+        request_scoped,
+        request_scoped_inject,
+        request_scoped_inline_commit,
+    )
 }
 
 

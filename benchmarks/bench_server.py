@@ -67,6 +67,12 @@ READ_CANDIDATES = [
     ("dishka", "dishka", "`setup_dishka`, `FromDishka`"),
     ("that-depends", "that_depends", "`DIContextMiddleware`, `Depends(provider)`"),
     ("RequestScoped + fastapi.Provide", "request_scoped", "`RequestScopeMiddleware`"),
+    ("RequestScoped + fastapi.inject", "request_scoped_inject", "no `Depends`"),
+    (
+        "RequestScoped + fastapi.Provide, offload=False",
+        "request_scoped_inline_commit",
+        "the commit on the event loop, as the peers do",
+    ),
 ]
 WRITE_CANDIDATES = [
     ("RequestScoped + fastapi.Provide", "write_request_scoped", "commit in a worker thread"),
