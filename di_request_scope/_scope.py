@@ -227,11 +227,7 @@ class RequestScope:
                 # worker thread) goes to a worker thread; others run right here.
                 blocks = getattr(hook, "_di_request_scope_blocks", None)
                 if blocks is not None and blocks():
-                    # Shielded: a cancelled request must not tear the session down (in
-                    # another thread) while the commit is still running in this one.
-                    _, cancelled = await _shield_future(run_in_thread(hook))
-                    if cancelled:
-                        raise asyncio.CancelledError
+                    await _to_thread(hook)
                     continue
                 result = hook()
                 if result is not None:
@@ -491,8 +487,16 @@ def _run_sync_batch(batch: list[_Finalizer], failure: BaseException | None) -> l
 
 
 async def _to_thread(func: Callable[[], R]) -> R:
-    """Run blocking teardown (``Session.close()``) off the event loop (see ``_threads``)."""
-    return await run_in_thread(func)
+    """Run blocking work (a commit, ``Session.close()``) off the event loop (see ``_threads``).
+
+    Shielded, as anyio's ``to_thread.run_sync`` is by default: a cancelled caller
+    still waits for the thread, so nothing tears the session down (in another
+    thread) while this one still uses it; the cancellation is re-raised after.
+    """
+    result, cancelled = await _shield_future(run_in_thread(func))
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
