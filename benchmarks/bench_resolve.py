@@ -43,6 +43,7 @@ from that_depends import BaseContainer, container_context
 from that_depends import providers as td_providers
 
 from di_request_scope import RequestScoped, request_scope
+from di_request_scope._scope import _to_thread  # private: the hop the first row pays
 
 from ._harness import (
     Candidate,
@@ -314,6 +315,9 @@ async def measure_fresh_async(settings: Settings) -> list[Result]:
     async def thread_hop() -> None:
         await anyio.to_thread.run_sync(_noop)
 
+    async def our_thread_hop() -> None:
+        await _to_thread(_noop)
+
     async def td_scope() -> None:
         async with container_context(TDContainer):
             await td_resolve()
@@ -350,6 +354,11 @@ async def measure_fresh_async(settings: Settings) -> list[Result]:
             "one thread hop (reference)",
             async_timer(thread_hop),
             "`await anyio.to_thread.run_sync(noop)`: what FastAPI pays per sync call",
+        ),
+        Candidate(
+            "one thread hop of di_request_scope (reference)",
+            async_timer(our_thread_hop),
+            "what the scope pays to run a blocking teardown step or commit off the loop",
         ),
     ]
     try:
