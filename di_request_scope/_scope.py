@@ -304,7 +304,7 @@ class RequestScope:
         errors: list[BaseException] = []
         if finalizers:
             if self._observers is None:
-                # None is a bare generator (see above): each step's run() is a callable.
+                # _may_wait() let no bare generator through: each step's run is callable.
                 for fin in reversed(finalizers):
                     try:
                         fin.run(failure)
@@ -320,8 +320,8 @@ class RequestScope:
     def _mark_closed(self) -> None:
         """Under the lock: nothing can be resolved, created or registered any more."""
         self._closed = True
-        # An empty dict makes every later lookup miss and reach the closed check.
-        self._instances = {}
+        if self._instances:
+            self._instances = {}  # later lookups miss and reach the closed check
         self._finalizers = self._before_response = None
 
     def _begin_close(self) -> Sequence[_Step]:
