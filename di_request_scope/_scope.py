@@ -639,9 +639,9 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
                 "this request_scope() is already open, or was used; create a new request_scope() for "
                 "each block"
             )
-        self._token = _current.set(self)
-        if self._observers is not None:
+        if self._observers is not None:  # first: an observer raising leaves nothing set
             self._opened(self._opened_by)
+        self._token = _current.set(self)
         return self
 
     def _take(self) -> Token[RequestScope | None]:
@@ -656,9 +656,9 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
         if self._token is not None or self._closed:
             self._open()  # raises the error
         self._sync_only = True
-        self._token = _current.set(self)
-        if self._observers is not None:
+        if self._observers is not None:  # first: an observer raising leaves nothing set
             self._opened(self._opened_by)
+        self._token = _current.set(self)
         return self
 
     def __exit__(

@@ -141,10 +141,10 @@ class RequestScopeMiddleware:
             return
         # HTTP, inline: every request pays for this code, so it is kept short.
         request_scope = RequestScope()
+        if request_scope._observers is not None:  # first: an observer raising leaves nothing set
+            request_scope._opened(f"{scope.get('method', '')} {scope.get('path', '')}")
         scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
-        if request_scope._observers is not None:
-            request_scope._opened(f"{scope.get('method', '')} {scope.get('path', '')}")
         is_failure_status = self.is_failure_status
         complete = client_gone = False
         receiving = 0
@@ -243,10 +243,10 @@ class RequestScopeMiddleware:
     async def _call_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket connection with one scope."""
         request_scope = RequestScope()
+        if request_scope._observers is not None:  # first: an observer raising leaves nothing set
+            request_scope._opened(f"WEBSOCKET {scope.get('path', '')}")
         scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
-        if request_scope._observers is not None:
-            request_scope._opened(f"WEBSOCKET {scope.get('path', '')}")
         is_failure_status = self.is_failure_status
         accepted = False
 
@@ -303,11 +303,11 @@ class RequestScopeMiddleware:
         the connection scope.
         """
         connection = RequestScope()
+        path = scope.get("path", "")
+        if connection._observers is not None:  # first: an observer raising leaves nothing set
+            connection._opened(f"WEBSOCKET {path}")
         scope[_SCOPE_KEY] = connection
         token = _current.set(connection)
-        path = scope.get("path", "")
-        if connection._observers is not None:
-            connection._opened(f"WEBSOCKET {path}")
         is_failure_status = self.is_failure_status
         accepted = False
         receiving = 0
@@ -381,10 +381,11 @@ class RequestScopeMiddleware:
                     receiving -= 1
             kind = received["type"]
             if kind == "websocket.receive":
-                message = RequestScope()
+                opened = RequestScope()
+                if opened._observers is not None:  # first: an observer raising leaves nothing set
+                    opened._opened(f"WEBSOCKET {path} message")
+                message = opened
                 message_token = _current.set(message)
-                if message._observers is not None:
-                    message._opened(f"WEBSOCKET {path} message")
             elif kind == "websocket.disconnect":
                 check_disconnect(received, connection, "")
             return received

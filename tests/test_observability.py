@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from di_request_scope import (
     LoggingObserver,
+    NoRequestScopeError,
     Observation,
     RequestScope,
     RequestScoped,
@@ -320,6 +321,49 @@ async def test_an_observer_that_raises_breaks_no_request_and_is_logged_once_per_
         "instance_created",
         "scope_closed",
     }
+
+
+class Interrupted(BaseException):
+    """Not an Exception: observers' errors are caught, this (like pytest.fail) goes through."""
+
+
+class Interrupting(ScopeObserver):
+    def scope_opened(self, scope: RequestScope) -> None:
+        raise Interrupted
+
+
+@pytest.mark.anyio
+async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() -> None:
+    """The BaseException propagates from the opener, and the caller's context is as it was."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never called
+        raise AssertionError("the app ran")
+
+    async def receive() -> dict[str, Any]:  # pragma: no cover - never called
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:  # pragma: no cover - never called
+        pass
+
+    http = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    websocket = {"type": "websocket", "path": "/ws", "headers": []}
+    with observe(Interrupting()):
+        with pytest.raises(Interrupted), request_scope():
+            pass  # pragma: no cover - never entered
+        with pytest.raises(Interrupted):
+            async with request_scope():
+                pass  # pragma: no cover - never entered
+        for asgi_scope, middleware in [
+            (http, RequestScopeMiddleware(app)),
+            (websocket, RequestScopeMiddleware(app)),
+            (websocket, RequestScopeMiddleware(app, websocket_scope="message")),
+        ]:
+            with pytest.raises(Interrupted):
+                await middleware(dict(asgi_scope), receive, send)
+            with pytest.raises(NoRequestScopeError):
+                current_scope()
+    with pytest.raises(NoRequestScopeError):
+        current_scope()
 
 
 @pytest.mark.anyio
