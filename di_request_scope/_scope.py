@@ -619,12 +619,15 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
     decorator on sync and async functions (each call gets its own scope). An
     exception leaving the block is handed to finalizers (rollback); teardown
     errors are raised here when the block itself succeeded. Nesting opens an
-    independent inner scope and restores the outer one on exit.
+    independent inner scope and restores the outer one on exit. The object is
+    the scope (``with request_scope() as scope`` gives it back) and opens once.
 
     Raises:
         TeardownError: more than one finalizer failed (one failure is raised as itself).
+        ScopeMisuseError: the object is entered while open, or again after it closed.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2.0 The object is the scope; entering it after it closed raises.
     """
 
     # The object is the scope itself (one allocation per block, not two); its
