@@ -138,6 +138,14 @@ class RequestScope:
         self._info = {}  # observers keep their state here: spare them the lazy creation
         self._observers.opened(self)  # type: ignore[union-attr]
 
+    def _opened_or_reset(self, origin: str | None, token: Token[RequestScope | None]) -> None:
+        """:meth:`_opened` once the scope is current; an observer raising through leaves nothing set."""
+        try:
+            self._opened(origin)
+        except BaseException:  # observers' Exceptions are caught: this is one like pytest.fail()
+            _current.reset(token)
+            raise
+
     @property
     def origin(self) -> str | None:
         """What opened the scope, for logs and traces: ``"GET /notes/1"``, ``"request_scope()"``...
@@ -642,9 +650,9 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
                 "this request_scope() is already open, or was used; create a new request_scope() for "
                 "each block"
             )
-        if self._observers is not None:  # first: an observer raising leaves nothing set
-            self._opened(self._opened_by)
-        self._token = _current.set(self)
+        token = self._token = _current.set(self)
+        if self._observers is not None:
+            self._opened_or_reset(self._opened_by, token)
         return self
 
     def _take(self) -> Token[RequestScope | None]:
@@ -659,9 +667,9 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
         if self._token is not None or self._closed:
             self._open()  # raises the error
         self._sync_only = True
-        if self._observers is not None:  # first: an observer raising leaves nothing set
-            self._opened(self._opened_by)
-        self._token = _current.set(self)
+        token = self._token = _current.set(self)
+        if self._observers is not None:
+            self._opened_or_reset(self._opened_by, token)
         return self
 
     def __exit__(

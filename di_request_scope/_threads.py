@@ -71,11 +71,11 @@ def _work(inbox: queue.SimpleQueue[_Job]) -> None:
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             result, error = None, exc
         del func, context
+        with _lock:  # idle before the caller hears back, so its next job can come straight here
+            _idle.append(inbox)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(_settle, future, result, error)
         del loop, future, result, error  # hold nothing while idle
-        with _lock:
-            _idle.append(inbox)
 
 
 def run_in_thread(func: Callable[[], R]) -> asyncio.Future[R]:

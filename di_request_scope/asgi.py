@@ -141,10 +141,10 @@ class RequestScopeMiddleware:
             return
         # HTTP, inline: every request pays for this code, so it is kept short.
         request_scope = RequestScope()
-        if request_scope._observers is not None:  # first: an observer raising leaves nothing set
-            request_scope._opened(f"{scope.get('method', '')} {scope.get('path', '')}")
-        scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
+        if request_scope._observers is not None:
+            request_scope._opened_or_reset(f"{scope.get('method', 'HTTP')} {scope.get('path', '')}", token)
+        scope[_SCOPE_KEY] = request_scope
         is_failure_status = self.is_failure_status
         complete = client_gone = False
         receiving = 0
@@ -243,10 +243,10 @@ class RequestScopeMiddleware:
     async def _call_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket connection with one scope."""
         request_scope = RequestScope()
-        if request_scope._observers is not None:  # first: an observer raising leaves nothing set
-            request_scope._opened(f"WEBSOCKET {scope.get('path', '')}")
-        scope[_SCOPE_KEY] = request_scope
         token = _current.set(request_scope)
+        if request_scope._observers is not None:
+            request_scope._opened_or_reset(f"WEBSOCKET {scope.get('path', '')}", token)
+        scope[_SCOPE_KEY] = request_scope
         is_failure_status = self.is_failure_status
         accepted = False
 
@@ -304,10 +304,10 @@ class RequestScopeMiddleware:
         """
         connection = RequestScope()
         path = scope.get("path", "")
-        if connection._observers is not None:  # first: an observer raising leaves nothing set
-            connection._opened(f"WEBSOCKET {path}")
-        scope[_SCOPE_KEY] = connection
         token = _current.set(connection)
+        if connection._observers is not None:
+            connection._opened_or_reset(f"WEBSOCKET {path}", token)
+        scope[_SCOPE_KEY] = connection
         is_failure_status = self.is_failure_status
         accepted = False
         receiving = 0
@@ -382,10 +382,10 @@ class RequestScopeMiddleware:
             kind = received["type"]
             if kind == "websocket.receive":
                 opened = RequestScope()
-                if opened._observers is not None:  # first: an observer raising leaves nothing set
-                    opened._opened(f"WEBSOCKET {path} message")
-                message = opened
-                message_token = _current.set(message)
+                opened_token = _current.set(opened)
+                if opened._observers is not None:
+                    opened._opened_or_reset(f"WEBSOCKET {path} message", opened_token)
+                message, message_token = opened, opened_token
             elif kind == "websocket.disconnect":
                 check_disconnect(received, connection, "")
             return received

@@ -332,6 +332,38 @@ class Interrupting(ScopeObserver):
         raise Interrupted
 
 
+class CurrentWhenOpened(ScopeObserver):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, bool]] = []
+
+    def scope_opened(self, scope: RequestScope) -> None:
+        self.seen.append((scope.origin, current_scope() is scope))
+
+
+@pytest.mark.anyio
+async def test_observers_hear_a_scope_open_while_it_is_current() -> None:
+    """An observer may resolve from, or look up, the scope it is told about."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:  # pragma: no cover - never called
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    observer = CurrentWhenOpened()
+    with observe(observer):
+        with request_scope():
+            pass
+        async with request_scope():
+            pass
+        await RequestScopeMiddleware(app)({"type": "http", "method": "GET", "path": "/"}, receive, send)
+    assert observer.seen == [("request_scope()", True), ("request_scope()", True), ("GET /", True)]
+
+
 @pytest.mark.anyio
 async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() -> None:
     """The BaseException propagates from the opener, and the caller's context is as it was."""
