@@ -186,12 +186,21 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     cls = type(result)
     if _is_context_manager(cls):
         instance = cls.__enter__(result)
-        # Our own context managers (the unit of work) take the failure directly.
-        run = getattr(result, "_di_request_scope_exit", None)
-        if run is None:
-            run = lambda failure: cls.__exit__(result, *_exit_args(failure))  # noqa: E731
-        return instance, _Finalizer(name, False, run, getattr(result, "_di_request_scope_blocks", None))
+        # Our own context managers (the unit of work) take the failure directly. Looked up on
+        # the class: a proxy or a mock answers any attribute name.
+        exit_step = getattr(cls, "_di_request_scope_exit", None)
+        blocks = getattr(cls, "_di_request_scope_blocks", None)
+        return instance, _Finalizer(
+            name,
+            False,
+            exit_step.__get__(result) if exit_step is not None else _exit_step(cls, result),
+            blocks.__get__(result) if blocks is not None else None,
+        )
     return result, None
+
+
+def _exit_step(cls: Any, result: Any) -> Callable[[BaseException | None], Any]:
+    return lambda failure: cls.__exit__(result, *_exit_args(failure))
 
 
 def _enter_generator(gen: Generator[Any, Any, Any], name: str) -> tuple[Any, _Finalizer]:
@@ -396,6 +405,17 @@ class RequestScoped(providers.Provider[T], Generic[T]):
         copied._name = self._name
         copied._owner = self._owner
         self._copy_overridings(copied, memo)
+        return copied
+
+    def __copy__(self) -> RequestScoped[T]:
+        """A new provider (its own instance per scope) with the same arguments and overridings."""
+        cls = type(self)
+        copied = cls.__new__(cls)
+        copied.__init__(self._provides, *self._args, **self._kwargs)  # type: ignore[misc]
+        copied._name = self._name
+        copied._owner = self._owner
+        for overriding in self.overridden:
+            copied.override(overriding)
         return copied
 
     def __str__(self) -> str:

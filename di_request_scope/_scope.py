@@ -519,7 +519,11 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
 
 
 async def _shield_future(future: asyncio.Future[R]) -> tuple[R, bool]:
-    """:func:`_shield` for work already under way: a task, or a worker thread's future."""
+    """:func:`_shield` for work already under way: a task, or a worker thread's future.
+
+    If the caller was cancelled meanwhile and the work then raises, the
+    cancellation is raised (from that error): a cancelled task must not carry on.
+    """
     cancelled = False
     while True:
         try:
@@ -533,6 +537,10 @@ async def _shield_future(future: asyncio.Future[R]) -> tuple[R, bool]:
             if future.done():
                 raise
             cancelled = True
+        except BaseException as exc:
+            if cancelled:
+                raise asyncio.CancelledError from exc
+            raise
 
 
 async def _shielded(func: Callable[[], Awaitable[R]]) -> R:
@@ -650,9 +658,11 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
                 "this request_scope() is already open, or was used; create a new request_scope() for "
                 "each block"
             )
-        token = self._token = _current.set(self)
+        self._observers = _observers  # those registered now, not when the object was made
+        token = _current.set(self)
         if self._observers is not None:
             self._opened_or_reset(self._opened_by, token)
+        self._token = token
         return self
 
     def _take(self) -> Token[RequestScope | None]:
@@ -667,9 +677,11 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
         if self._token is not None or self._closed:
             self._open()  # raises the error
         self._sync_only = True
-        token = self._token = _current.set(self)
+        self._observers = _observers  # those registered now, not when the object was made
+        token = _current.set(self)
         if self._observers is not None:
             self._opened_or_reset(self._opened_by, token)
+        self._token = token
         return self
 
     def __exit__(

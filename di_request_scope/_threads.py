@@ -29,6 +29,22 @@ R = TypeVar("R")
 # How long an idle worker waits for work before it exits.
 IDLE_SECONDS = 10.0
 
+try:
+    # Private to anyio, so guarded, and covered by tests/test_threads.py: a worker marked as
+    # anyio's own lets the code it runs (a SQLAlchemy listener, code after a generator's yield)
+    # call back into the loop with anyio.from_thread.run(), as in anyio's worker threads.
+    from anyio._backends._asyncio import AsyncIOBackend as _AsyncIOBackend
+    from anyio._core._eventloop import claim_worker_thread as _claim_worker_thread
+
+    def _claim(loop: asyncio.AbstractEventLoop) -> contextlib.AbstractContextManager[Any]:
+        return _claim_worker_thread(_AsyncIOBackend, loop)
+
+except ImportError:  # pragma: no cover - anyio missing, or reorganised: from_thread then needs a token
+
+    def _claim(loop: asyncio.AbstractEventLoop) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", contextvars.Context, Callable[[], Any]]
 
 _lock = threading.Lock()
@@ -66,10 +82,16 @@ def _work(inbox: queue.SimpleQueue[_Job]) -> None:
                     _idle.remove(inbox)
                     return
             continue  # picked just now: its job is on the way
+        error: BaseException | None = None
+        result = None
         try:
-            result, error = context.run(func), None
+            with _claim(loop):
+                result = context.run(func)
+        except StopIteration as exc:  # a future refuses it (it would end a coroutine): as anyio does
+            error = RuntimeError("a function run in a worker thread raised StopIteration")
+            error.__cause__ = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            result, error = None, exc
+            error = exc
         del func, context
         with _lock:  # idle before the caller hears back, so its next job can come straight here
             _idle.append(inbox)

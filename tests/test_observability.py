@@ -355,8 +355,9 @@ async def test_observers_hear_a_scope_open_while_it_is_current() -> None:
         pass
 
     observer = CurrentWhenOpened()
+    made_before = request_scope()
     with observe(observer):
-        with request_scope():
+        with made_before:  # observers registered when it is entered hear it
             pass
         async with request_scope():
             pass
@@ -379,8 +380,9 @@ async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() ->
 
     http = {"type": "http", "method": "GET", "path": "/", "headers": []}
     websocket = {"type": "websocket", "path": "/ws", "headers": []}
+    opener = request_scope()
     with observe(Interrupting()):
-        with pytest.raises(Interrupted), request_scope():
+        with pytest.raises(Interrupted), opener:
             pass  # pragma: no cover - never entered
         with pytest.raises(Interrupted):
             async with request_scope():
@@ -396,6 +398,8 @@ async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() ->
                 current_scope()
     with pytest.raises(NoRequestScopeError):
         current_scope()
+    with opener as scope:  # it never opened, so it still can
+        assert current_scope() is scope
 
 
 @pytest.mark.anyio

@@ -1306,3 +1306,39 @@ async def test_a_resolution_kept_but_never_awaited_does_not_block_the_next_one()
         with anyio.fail_after(30):  # a guard: the bug this test catches is a hang
             notes = await container.notes()
         assert notes.session is await stuck.session  # one instance, whoever awaited first
+
+
+def test_a_context_manager_answering_every_attribute_name_is_still_exited() -> None:
+    """A proxy or a mock answers any name: only a class's own teardown hook replaces __exit__."""
+    calls: list[str] = []
+
+    class Proxy:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args: calls.append(f"remote {name}")
+
+        def __enter__(self) -> Proxy:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            calls.append("__exit__")
+
+    provider = RequestScoped(Proxy)
+    with request_scope():
+        provider()
+    assert calls == ["__exit__"]
+
+
+def test_a_shallow_copy_is_a_working_provider_of_its_own() -> None:
+    """copy.copy() gives a provider with the same factory and overridings, and its own instance."""
+    import copy
+
+    provider = RequestScoped(Connection)
+    copied = copy.copy(provider)
+    with request_scope():
+        assert isinstance(copied(), Connection)
+        assert copied() is copied()
+        assert copied() is not provider()
+    overridden = RequestScoped(Connection)
+    replacement = Connection()
+    overridden.override(providers.Object(replacement))
+    assert copy.copy(overridden)() is replacement

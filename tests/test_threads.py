@@ -7,9 +7,11 @@ import contextvars
 import multiprocessing
 import threading
 
+import anyio.from_thread
 import pytest
 
-from di_request_scope import _threads
+from di_request_scope import RequestScoped, _threads, request_scope
+from di_request_scope._scope import _to_thread
 from di_request_scope._threads import run_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -119,3 +121,53 @@ async def test_a_forked_child_gets_workers_of_its_own() -> None:
         if child.is_alive():  # hung: do not leave it behind
             child.kill()
     assert child.exitcode == 0
+
+
+async def test_a_stop_iteration_in_the_worker_is_raised_as_a_runtime_error() -> None:
+    """A future refuses a StopIteration: handed over as it is, the caller would wait forever."""
+
+    def exhausted() -> object:
+        return next(iter(()))
+
+    with pytest.raises(RuntimeError, match="raised StopIteration") as raised:
+        await asyncio.wait_for(run_in_thread(exhausted), 30)  # a bound on a hang, not a timing
+    assert isinstance(raised.value.__cause__, StopIteration)
+
+
+async def test_code_in_a_worker_may_call_back_into_the_event_loop_with_anyio() -> None:
+    """As in anyio's worker threads: teardown code (or a SQLAlchemy listener) may use anyio.from_thread."""
+    loop_thread = threading.get_ident()
+    called_on: list[int] = []
+
+    def on_the_loop() -> None:
+        called_on.append(threading.get_ident())
+
+    def teardown_calls_back() -> object:
+        yield "resource"
+        anyio.from_thread.run_sync(on_the_loop)
+
+    assert await run_in_thread(lambda: anyio.from_thread.run_sync(threading.get_ident)) == loop_thread
+    provider = RequestScoped(teardown_calls_back)
+    async with request_scope():
+        assert provider() == "resource"
+    assert called_on == [loop_thread]
+
+
+async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> None:
+    """The work's error does not swallow the cancellation: it is raised from it."""
+    started, release = threading.Event(), threading.Event()
+
+    def fails_later() -> None:
+        started.set()
+        release.wait(30)
+        raise LookupError("failed after the cancellation")
+
+    task = asyncio.ensure_future(_to_thread(fails_later))
+    assert await asyncio.to_thread(started.wait, 30)
+    task.cancel()
+    await asyncio.sleep(0)  # let the cancellation reach the task, which keeps waiting for its thread
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
