@@ -673,15 +673,8 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
         return token
 
     def __enter__(self) -> RequestScope:
-        # _open(), inlined: jobs and tests open a scope per call.
-        if self._token is not None or self._closed:
-            self._open()  # raises the error
+        self._open()
         self._sync_only = True
-        self._observers = _observers  # those registered now, not when the object was made
-        token = _current.set(self)
-        if self._observers is not None:
-            self._opened_or_reset(self._opened_by, token)
-        self._token = token
         return self
 
     def __exit__(
