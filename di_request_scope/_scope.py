@@ -362,9 +362,7 @@ class RequestScope:
         finalizers = [as_finalizer(step) for step in reversed(steps)]
         if self._observers is not None:
             finalizers = self._observers.wrap(self, finalizers)
-        failure = self._failure
-        for fin in finalizers:
-            _run_sync(fin, failure, errors)
+        errors.extend(_run_sync_batch(finalizers, self._failure))
 
     def close(self) -> list[BaseException]:
         """Run every finalizer in reverse creation order; return their errors."""
@@ -683,10 +681,7 @@ class request_scope(RequestScope):  # noqa: N801 - used like a function, as cont
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token = self._token  # _take(), inlined
-        if token is None:
-            raise _not_entered()
-        self._token = None
+        token = self._take()
         try:
             if exc is not None:
                 self.fail(exc)

@@ -332,6 +332,15 @@ class Interrupting(ScopeObserver):
         raise Interrupted
 
 
+async def _no_body() -> dict[str, Any]:  # pragma: no cover - never called
+    """receive() of a raw ASGI call whose app reads no body."""
+    return {"type": "http.request", "body": b""}
+
+
+async def _drop(message: Any) -> None:
+    """send() of a raw ASGI call whose messages the test does not read."""
+
+
 class CurrentWhenOpened(ScopeObserver):
     def __init__(self) -> None:
         self.seen: list[tuple[str | None, bool]] = []
@@ -348,12 +357,6 @@ async def test_observers_hear_a_scope_open_while_it_is_current() -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def receive() -> dict[str, Any]:  # pragma: no cover - never called
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        pass
-
     observer = CurrentWhenOpened()
     made_before = request_scope()
     with observe(observer):
@@ -361,7 +364,7 @@ async def test_observers_hear_a_scope_open_while_it_is_current() -> None:
             pass
         async with request_scope():
             pass
-        await RequestScopeMiddleware(app)({"type": "http", "method": "GET", "path": "/"}, receive, send)
+        await RequestScopeMiddleware(app)({"type": "http", "method": "GET", "path": "/"}, _no_body, _drop)
     assert observer.seen == [("request_scope()", True), ("request_scope()", True), ("GET /", True)]
 
 
@@ -371,12 +374,6 @@ async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() ->
 
     async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never called
         raise AssertionError("the app ran")
-
-    async def receive() -> dict[str, Any]:  # pragma: no cover - never called
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:  # pragma: no cover - never called
-        pass
 
     http = {"type": "http", "method": "GET", "path": "/", "headers": []}
     websocket = {"type": "websocket", "path": "/ws", "headers": []}
@@ -393,7 +390,7 @@ async def test_an_observer_interrupting_the_opening_leaves_no_scope_current() ->
             (websocket, RequestScopeMiddleware(app, websocket_scope="message")),
         ]:
             with pytest.raises(Interrupted):
-                await middleware(dict(asgi_scope), receive, send)
+                await middleware(dict(asgi_scope), _no_body, _drop)
             with pytest.raises(NoRequestScopeError):
                 current_scope()
     with pytest.raises(NoRequestScopeError):
