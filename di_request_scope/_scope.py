@@ -46,6 +46,8 @@ _current: ContextVar[RequestScope | None] = ContextVar("di_request_scope", defau
 # each scope keeps the value it found when it opened.
 _observers: _Observers | None = None
 
+_NO_ERRORS: tuple[BaseException, ...] = ()
+
 
 class _Finalizer(NamedTuple):
     """One teardown step: ``run(failure)`` returns None, or an awaitable when ``is_async``.
@@ -287,7 +289,7 @@ class RequestScope:
             self._observers.closed(self, [])
         return True
 
-    def _close_now(self) -> list[BaseException] | None:
+    def _close_now(self) -> Sequence[BaseException] | None:
         """Close right here when no step awaits or may block; None when it cannot.
 
         Most requests end here (nothing created, or a session whose transaction
@@ -309,6 +311,8 @@ class RequestScope:
             self._finalizers = self._before_response = None
         finally:
             lock.release()
+        if not finalizers and self._observers is None:
+            return _NO_ERRORS  # nothing to tear down and no one to tell: most requests
         errors: list[BaseException] = []
         if finalizers:
             if self._observers is None:
@@ -582,7 +586,7 @@ def closed_scope_message(what: str) -> str:
     )
 
 
-def raise_teardown_errors(errors: list[BaseException], body_error: BaseException | None) -> None:
+def raise_teardown_errors(errors: Sequence[BaseException], body_error: BaseException | None) -> None:
     """Surface teardown errors without hiding the body's own exception."""
     if not errors:
         return
@@ -612,6 +616,7 @@ def _inside(scope: RequestScope) -> Iterator[None]:
 async def _aclose_and_report(scope: RequestScope, body_error: BaseException | None) -> None:
     """Tear an async scope down; raise or log its errors as ``request_scope()`` promises."""
     closed_now = scope._close_now()
+    errors: Sequence[BaseException]
     if closed_now is None:
         errors, cancelled = await _shield(scope.aclose)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
 from typing import Any, Literal
@@ -80,6 +80,96 @@ def default_is_failure_status(status: int) -> bool:
     return status >= 400
 
 
+class _Exchange:
+    """One HTTP request's ``receive``/``send`` as the app sees them, and what they tell the scope.
+
+    An object with two bound methods costs a request less than closures
+    sharing cells, and every request pays for it.
+    """
+
+    __slots__ = (
+        "_failure_status",
+        "_receive",
+        "_receiving",
+        "_scope",
+        "_send",
+        "client_gone",
+        "complete",
+        "peeked",
+    )
+
+    def __init__(
+        self,
+        request_scope: RequestScope,
+        receive: Receive,
+        send: Send,
+        is_failure_status: Callable[[int], bool],
+    ) -> None:
+        self._scope = request_scope
+        self._receive = receive
+        self._send = send
+        # None for the default, inlined in send().
+        self._failure_status = None if is_failure_status is default_is_failure_status else is_failure_status
+        self.complete = self.client_gone = False
+        self._receiving = 0
+        self.peeked: Message | None = None
+
+    async def receive(self) -> Message:
+        peeked = self.peeked
+        if peeked is not None:
+            self.peeked = None
+            return peeked
+        self._receiving += 1
+        try:
+            message = await self._receive()
+        finally:
+            self._receiving -= 1
+        if message["type"] == "http.disconnect" and not self.complete:
+            self.client_gone = True
+        return message
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain method handing back the server's own awaitable: no coroutine of
+        # ours per message, unless before-response hooks must run first.
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.start":
+            status = message["status"]
+            request_scope = self._scope
+            failure_status = self._failure_status
+            if status >= 400 if failure_status is None else failure_status(status):
+                request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
+            elif request_scope._before_response and request_scope._failure is None:
+                return self._start_after_hooks(message)
+            request_scope._response_started = True
+        elif kind == "http.response.pathsend":
+            self.complete = True
+        return self._send(message)
+
+    async def _start_after_hooks(self, message: Message) -> None:
+        await self._before_response_start()
+        self._scope._response_started = True
+        await self._send(message)
+
+    async def _before_response_start(self) -> None:
+        # Servers drop sends to a closed connection silently, so look before
+        # committing: a receive() that does not block tells, one that would
+        # block is cancelled at once and consumes nothing. Never while the app
+        # itself waits in receive(): a server may deliver the disconnect once.
+        if not self.client_gone and self.peeked is None and not self._receiving:
+            peeked = self.peeked = await _receive_nowait(self._receive)
+            if peeked is not None:
+                self.client_gone = peeked["type"] == "http.disconnect"
+        if self.client_gone:
+            self._scope.fail(RequestFailed("the client disconnected before the response started"))
+        else:
+            # A failure is raised into the app instead of sending the status:
+            # the client gets a 5xx from the server or ServerErrorMiddleware.
+            await self._scope._run_before_response()
+
+
 class RequestScopeMiddleware:
     """Open a request scope around each HTTP request and WebSocket connection.
 
@@ -145,80 +235,27 @@ class RequestScopeMiddleware:
         if request_scope._observers is not None:
             request_scope._opened_or_reset(f"{scope.get('method', 'HTTP')} {scope.get('path', '')}", token)
         scope[_SCOPE_KEY] = request_scope
-        is_failure_status = self.is_failure_status
-        complete = client_gone = False
-        receiving = 0
-        peeked: Message | None = None
-
-        async def receive_wrapper() -> Message:
-            nonlocal client_gone, peeked, receiving
-            message: Message
-            if peeked is not None:
-                message, peeked = peeked, None
-                return message
-            receiving += 1
-            try:
-                message = await receive()
-            finally:
-                receiving -= 1
-            if message["type"] == "http.disconnect" and not complete:
-                client_gone = True
-            return message
-
-        async def before_response_start() -> None:
-            # Servers drop sends to a closed connection silently, so look before
-            # committing: a receive() that does not block tells, one that would
-            # block is cancelled at once and consumes nothing. Never while the app
-            # itself waits in receive(): a server may deliver the disconnect once.
-            nonlocal client_gone, peeked
-            if not client_gone and peeked is None and not receiving:
-                peeked = await _receive_nowait(receive)
-                if peeked is not None:
-                    client_gone = peeked["type"] == "http.disconnect"
-            if client_gone:
-                request_scope.fail(RequestFailed("the client disconnected before the response started"))
-            else:
-                # A failure is raised into the app instead of sending the status:
-                # the client gets a 5xx from the server or ServerErrorMiddleware.
-                await request_scope._run_before_response()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal complete
-            kind = message["type"]
-            if kind == "http.response.body":
-                if not message.get("more_body", False):
-                    complete = True
-            elif kind == "http.response.start":
-                status = message["status"]
-                default = is_failure_status is default_is_failure_status  # inlined, then
-                if status >= 400 if default else is_failure_status(status):
-                    request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
-                elif request_scope._before_response and request_scope._failure is None:
-                    await before_response_start()
-                request_scope._response_started = True
-            elif kind == "http.response.pathsend":
-                complete = True
-            await send(message)
-
+        exchange = _Exchange(request_scope, receive, send, self.is_failure_status)
         error: BaseException | None = None
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, exchange.receive, exchange.send)
         except BaseException as exc:
             error = exc
             request_scope.fail(exc)
             raise
         finally:
-            if error is None and (client_gone or not complete):
+            if error is None and (exchange.client_gone or not exchange.complete):
                 request_scope.fail(
                     RequestFailed(
                         "the client disconnected before the response completed"
-                        if client_gone
+                        if exchange.client_gone
                         else "the app returned without completing the response"
                     )
                 )
             cancelled = False
             try:
                 closed_now = request_scope._close_now()
+                errors: Sequence[BaseException]
                 if closed_now is None:
                     errors, cancelled = await _shield(request_scope.aclose)
                 else:
@@ -445,6 +482,7 @@ class RequestScopeMiddleware:
     async def _close_and_log(self, scope: Scope, request_scope: RequestScope) -> bool:
         """Tear a scope down, shielded; log its errors; say whether the caller was cancelled meanwhile."""
         closed_now = request_scope._close_now()
+        errors: Sequence[BaseException]
         if closed_now is None:
             errors, cancelled = await _shield(request_scope.aclose)
         else:
@@ -454,7 +492,9 @@ class RequestScopeMiddleware:
         return cancelled
 
     @staticmethod
-    def _log_teardown_errors(scope: Scope, request_scope: RequestScope, errors: list[BaseException]) -> None:
+    def _log_teardown_errors(
+        scope: Scope, request_scope: RequestScope, errors: Sequence[BaseException]
+    ) -> None:
         for err in errors:
             logger.error(
                 "teardown failed after %s %s (request outcome: %s)",
