@@ -184,7 +184,10 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     if type(result) is GeneratorType:
         return _enter_generator(result, name)
     cls = type(result)
-    if _is_context_manager(cls):
+    is_cm = _IS_CONTEXT_MANAGER.get(cls)
+    if is_cm is None:
+        is_cm = _is_context_manager(cls)
+    if is_cm:
         instance = cls.__enter__(result)
         # Our own context managers (the unit of work) take the failure directly. Looked up on
         # the class: a proxy or a mock answers any attribute name.

@@ -34,7 +34,7 @@ try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] ext
 except ImportError:  # pragma: no cover - the test extra installs it
     _AsyncSession = None  # type: ignore[assignment,misc]
 
-from ._scope import RequestScope, _shielded, current_scope
+from ._scope import RequestScope, _current, _shielded, current_scope
 from .exceptions import RequestScopeError
 
 __all__ = [
@@ -93,11 +93,9 @@ class RollbackOnlyError(RequestScopeError):
     """
 
 
-def _rollback_only_error(session: AnySession) -> RollbackOnlyError | None:
-    failed = session.info.get(_ROLLBACK_ONLY)
-    if failed is None:
-        return None
-    name, exc = failed
+def _rollback_only_error(session: AnySession) -> RollbackOnlyError:
+    """The error for a session that carries the rollback-only mark (check for it first)."""
+    name, exc = session.info[_ROLLBACK_ONLY]
     return RollbackOnlyError(
         f"transactional method {name} failed with {type(exc).__name__}: {exc}, inside a transaction it "
         "joined, and the request went on; the whole transaction was rolled back so that no half-done "
@@ -142,7 +140,9 @@ def unit_of_work(
     .. versionadded:: 0.1
     .. versionchanged:: 0.2.0 ``offload``; commits no longer always take a worker thread.
     """
-    scope = current_scope()
+    scope = _current.get()
+    if scope is None or scope._closed:
+        scope = current_scope()  # raises the error that says why
     session = session_factory()
     is_async = _AsyncSession is not None and isinstance(session, _AsyncSession)
     if not is_async and not isinstance(session, Session):
@@ -178,10 +178,12 @@ class _SyncUnitOfWork:
         if not scope._response_started:  # created after the status: commit at teardown only
             scope.call_before_response(self)
 
+    # _has_work() is inlined below: each of these runs once or twice per request.
     def __call__(self) -> None:
         """The commit before the response: a failure here still becomes a 5xx."""
-        if _has_work(self.session):
-            _commit(self.session)
+        session = self.session
+        if session.in_transaction() or _ROLLBACK_ONLY in session.info:
+            _commit(session)
 
     def __enter__(self) -> Session:
         return self.session
@@ -195,8 +197,8 @@ class _SyncUnitOfWork:
         try:
             if exc is not None:
                 session.rollback()
-            elif _has_work(session):
-                _commit(session, late=self.scope.response_started)
+            elif session.in_transaction() or _ROLLBACK_ONLY in session.info:
+                _commit(session, late=self.scope._response_started)
         finally:
             session.info.pop(_ROLLBACK_ONLY, None)
             session.close()
@@ -205,9 +207,11 @@ class _SyncUnitOfWork:
         # Only a transaction to commit or roll back talks to the database, and it
         # needs a thread only if its queries ran in one.
         session = self.session
+        if not session.in_transaction() and _ROLLBACK_ONLY not in session.info:
+            return False
         if self.offload is not None:
-            return self.offload and _has_work(session)
-        return _has_work(session) and session.info.get(_BEGAN_IN) != threading.get_ident()
+            return self.offload
+        return session.info.get(_BEGAN_IN) != threading.get_ident()
 
 
 def _has_work(session: AnySession) -> bool:
@@ -216,10 +220,9 @@ def _has_work(session: AnySession) -> bool:
 
 
 def _commit(session: Session, *, late: bool = False) -> None:
-    error = _rollback_only_error(session)
-    if error is not None:
+    if _ROLLBACK_ONLY in session.info:
         session.rollback()
-        raise error
+        raise _rollback_only_error(session)
     try:
         session.commit()
     except Exception as exc:
@@ -251,10 +254,9 @@ async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> Asy
 
 
 async def _acommit(session: AsyncSession, *, late: bool = False) -> None:
-    error = _rollback_only_error(session)
-    if error is not None:
+    if _ROLLBACK_ONLY in session.info:
         await session.rollback()
-        raise error
+        raise _rollback_only_error(session)
     try:
         await session.commit()
     except Exception as exc:
