@@ -1,8 +1,9 @@
 """Run the benchmarks and print Markdown: ``python -m benchmarks [--smoke] [--write RESULTS.md] [names...]``.
 
-names: resolve, asgi, memory, server (default: all). ``--smoke`` runs a few rounds of a
-few loops so the whole suite finishes in seconds: it checks that every candidate
-works, its figures mean nothing. ``--write FILE`` also writes the report; a bare
+names: resolve, asgi, memory, server, instructions (default: all but instructions).
+``--smoke`` runs a few rounds of a few loops, instructions included, so the whole
+suite finishes in a minute: it checks that every candidate works, its figures
+mean nothing. ``--write FILE`` also writes the report; a bare
 file name goes next to this script (``--write RESULTS.md`` writes
 ``benchmarks/RESULTS.md``).
 """
@@ -20,10 +21,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import bench_asgi, bench_memory, bench_resolve, bench_server
+from . import bench_asgi, bench_instructions, bench_memory, bench_resolve, bench_server
 from ._harness import FULL, SMOKE, Settings
 
-BENCHMARKS = {module.NAME: module for module in (bench_resolve, bench_asgi, bench_memory, bench_server)}
+BENCHMARKS = {
+    module.NAME: module
+    for module in (bench_resolve, bench_asgi, bench_memory, bench_server, bench_instructions)
+}
+# A full run leaves out the instruction counts (15 minutes more) unless named; a smoke run has them all.
+DEFAULT = [name for name in BENCHMARKS if name != bench_instructions.NAME]
 PACKAGES = [
     "di-request-scope",
     "dependency-injector",
@@ -113,7 +119,10 @@ def environment(settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "names", nargs="*", metavar="name", help=f"any of: {', '.join(BENCHMARKS)} (default: all)"
+        "names",
+        nargs="*",
+        metavar="name",
+        help=f"any of: {', '.join(BENCHMARKS)} (default: all but instructions; all with --smoke)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="a few rounds of a few loops: checks, no figures"
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    names = args.names or list(BENCHMARKS)
+    names = args.names or (list(BENCHMARKS) if args.smoke else DEFAULT)
     settings = SMOKE if args.smoke else FULL
 
     started = time.perf_counter()

@@ -44,8 +44,9 @@ Candidates:
 # Annotated[..., Depends(Provide[...])] markers from the evaluated signature.
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import Annotated, Any
 
@@ -443,7 +444,9 @@ async def check(name: str, request: Callable[[], Awaitable[bytes]], *, uses_sess
         raise AssertionError(f"{name}: two requests shared one session")
 
 
-async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Result]]:
+@contextlib.asynccontextmanager
+async def endpoint_candidates(path: str) -> AsyncIterator[list[Candidate]]:
+    """Every candidate's app, checked, as timers of ``path`` (``/async`` or ``/sync``); torn down after."""
     engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     SessionLocal.configure(bind=engine)
     context_local_container = ContextLocalContainer()
@@ -493,21 +496,26 @@ async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Resul
         ),
     ]
     try:
-        tables = []
-        for path in ("/async", "/sync"):
-            candidates = []
-            for name, note, app, uses_session in apps:
-                request = make_request(app, path)
-                await check(f"{name} {path}", request, uses_session=uses_session)
-                candidates.append(Candidate(name, async_timer(request), note))
-            tables.append(await ameasure(candidates, "bare", settings))
-        return tables[0], tables[1]
+        candidates = []
+        for name, note, app, uses_session in apps:
+            request = make_request(app, path)
+            await check(f"{name} {path}", request, uses_session=uses_session)
+            candidates.append(Candidate(name, async_timer(request), note))
+        yield candidates
     finally:
         context_local_container.unwire()
         request_scoped_container.unwire()
         inline_commit_container.unwire()
         await dishka_container.close()
         engine.dispose()
+
+
+async def measure_endpoint(settings: Settings) -> tuple[list[Result], list[Result]]:
+    tables = []
+    for path in ("/async", "/sync"):
+        async with endpoint_candidates(path) as candidates:
+            tables.append(await ameasure(candidates, "bare", settings))
+    return tables[0], tables[1]
 
 
 def run(settings: Settings) -> list[Section]:
