@@ -2,7 +2,7 @@
 
 names: resolve, asgi, memory, server, instructions (default: all but instructions).
 ``--smoke`` runs a few rounds of a few loops, instructions included, so the whole
-suite finishes in a minute: it checks that every candidate works, its figures
+suite finishes in about two minutes: it checks that every candidate works, its figures
 mean nothing. ``--write FILE`` also writes the report; a bare
 file name goes next to this script (``--write RESULTS.md`` writes
 ``benchmarks/RESULTS.md``).
@@ -28,7 +28,7 @@ BENCHMARKS = {
     module.NAME: module
     for module in (bench_resolve, bench_asgi, bench_memory, bench_server, bench_instructions)
 }
-# A full run leaves out the instruction counts (15 minutes more) unless named; a smoke run has them all.
+# A full run leaves out the instruction counts (20 minutes more) unless named; a smoke run has them all.
 DEFAULT = [name for name in BENCHMARKS if name != bench_instructions.NAME]
 PACKAGES = [
     "di-request-scope",
