@@ -221,8 +221,9 @@ def _has_work(session: AnySession) -> bool:
 
 def _commit(session: Session, *, late: bool = False) -> None:
     if _ROLLBACK_ONLY in session.info:
+        error = _rollback_only_error(session)  # before the rollback, whatever its listeners do to info
         session.rollback()
-        raise _rollback_only_error(session)
+        raise error
     try:
         session.commit()
     except Exception as exc:
@@ -255,8 +256,9 @@ async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> Asy
 
 async def _acommit(session: AsyncSession, *, late: bool = False) -> None:
     if _ROLLBACK_ONLY in session.info:
+        error = _rollback_only_error(session)  # before the rollback, whatever its listeners do to info
         await session.rollback()
-        raise _rollback_only_error(session)
+        raise error
     try:
         await session.commit()
     except Exception as exc:
