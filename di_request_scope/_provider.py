@@ -146,10 +146,9 @@ def _needs_await(result: object) -> bool:
     return needs
 
 
-def _is_context_manager(cls: type) -> bool:
-    is_cm = _IS_CONTEXT_MANAGER.get(cls)
-    if is_cm is None:
-        is_cm = _IS_CONTEXT_MANAGER[cls] = hasattr(cls, "__enter__") and hasattr(cls, "__exit__")
+def _learn_is_context_manager(cls: type) -> bool:
+    """Whether ``cls`` is a context manager, remembered: callers look in the cache first."""
+    is_cm = _IS_CONTEXT_MANAGER[cls] = hasattr(cls, "__enter__") and hasattr(cls, "__exit__")
     return is_cm
 
 
@@ -186,7 +185,7 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     cls = type(result)
     is_cm = _IS_CONTEXT_MANAGER.get(cls)
     if is_cm is None:
-        is_cm = _is_context_manager(cls)
+        is_cm = _learn_is_context_manager(cls)
     if is_cm:
         instance = cls.__enter__(result)
         # Our own context managers (the unit of work) take the failure directly. Looked up on

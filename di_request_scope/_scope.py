@@ -311,22 +311,22 @@ class RequestScope:
             self._finalizers = self._before_response = None
         finally:
             lock.release()
-        if not finalizers and self._observers is None:
-            return _NO_ERRORS  # nothing to tear down and no one to tell: most requests
+        observers = self._observers
+        if not finalizers:  # nothing to tear down: most requests
+            if observers is not None:
+                observers.closed(self, [])
+            return _NO_ERRORS
         errors: list[BaseException] = []
-        if finalizers:
-            if self._observers is None:
-                # _may_wait() let no bare generator through: each step's run is callable.
-                for fin in reversed(finalizers):
-                    try:
-                        fin.run(failure)
-                    except BaseException as exc:  # noqa: BLE001 - every finalizer must run
-                        errors.append(exc)
-            else:
-                self._run_sync_steps(finalizers, errors)
-                self._observers.closed(self, errors)
-        elif self._observers is not None:
-            self._observers.closed(self, errors)
+        if observers is None:
+            # _may_wait() let no bare generator through: each step's run is callable.
+            for fin in reversed(finalizers):
+                try:
+                    fin.run(failure)
+                except BaseException as exc:  # noqa: BLE001 - every finalizer must run
+                    errors.append(exc)
+        else:
+            self._run_sync_steps(finalizers, errors)
+            observers.closed(self, errors)
         return errors
 
     def _mark_closed(self) -> None:

@@ -34,7 +34,7 @@ try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] ext
 except ImportError:  # pragma: no cover - the test extra installs it
     _AsyncSession = None  # type: ignore[assignment,misc]
 
-from ._scope import RequestScope, _current, _shielded, current_scope
+from ._scope import RequestScope, _shielded, current_scope
 from .exceptions import RequestScopeError
 
 __all__ = [
@@ -140,9 +140,7 @@ def unit_of_work(
     .. versionadded:: 0.1
     .. versionchanged:: 0.2.0 ``offload``; commits no longer always take a worker thread.
     """
-    scope = _current.get()
-    if scope is None or scope._closed:
-        scope = current_scope()  # raises the error that says why
+    scope = current_scope()
     session = session_factory()
     is_async = _AsyncSession is not None and isinstance(session, _AsyncSession)
     if not is_async and not isinstance(session, Session):
@@ -178,12 +176,10 @@ class _SyncUnitOfWork:
         if not scope._response_started:  # created after the status: commit at teardown only
             scope.call_before_response(self)
 
-    # _has_work() is inlined below: each of these runs once or twice per request.
     def __call__(self) -> None:
         """The commit before the response: a failure here still becomes a 5xx."""
-        session = self.session
-        if session.in_transaction() or _ROLLBACK_ONLY in session.info:
-            _commit(session)
+        if _has_work(self.session):
+            _commit(self.session)
 
     def __enter__(self) -> Session:
         return self.session
@@ -197,8 +193,8 @@ class _SyncUnitOfWork:
         try:
             if exc is not None:
                 session.rollback()
-            elif session.in_transaction() or _ROLLBACK_ONLY in session.info:
-                _commit(session, late=self.scope._response_started)
+            elif _has_work(session):
+                _commit(session, late=self.scope.response_started)
         finally:
             session.info.pop(_ROLLBACK_ONLY, None)
             session.close()
@@ -207,7 +203,7 @@ class _SyncUnitOfWork:
         # Only a transaction to commit or roll back talks to the database, and it
         # needs a thread only if its queries ran in one.
         session = self.session
-        if not session.in_transaction() and _ROLLBACK_ONLY not in session.info:
+        if not _has_work(session):
             return False
         if self.offload is not None:
             return self.offload
