@@ -3,11 +3,11 @@
     python -m uvicorn benchmarks._server_apps:request_scoped --factory --port 8000
     python -m benchmarks._server_apps   # the fork server bench_server starts its uvicorns from
 
-Each factory binds ``bench_asgi.SessionLocal`` to its engine and returns one of
-``bench_asgi``'s apps, unchanged: the same endpoints, middleware and
-dependencies as the in-process benchmark, so the two measure the same code.
-One candidate per server process, so the module-level ``SessionLocal`` is this
-process's alone.
+Each factory binds ``bench_asgi``'s two sessionmakers (the peers' and
+RequestScoped's) to its engine and returns one of ``bench_asgi``'s apps,
+unchanged: the same endpoints, middleware and dependencies as the in-process
+benchmark, so the two measure the same code. One candidate per server process,
+so the module-level sessionmakers are this process's alone.
 
 The read factories (``bare``, ``request_scoped``, ...) use SQLite in memory
 with one shared connection (``StaticPool``), as ``bench_asgi`` does: ``/async``
@@ -78,6 +78,7 @@ _containers: list[Any] = []
 def _memory_engine() -> None:
     engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     bench_asgi.SessionLocal.configure(bind=engine)
+    bench_asgi.UnitOfWorkSessionLocal.configure(bind=engine)
 
 
 def _file_engine() -> None:
@@ -97,6 +98,7 @@ def _file_engine() -> None:
     with engine.begin() as connection:
         connection.exec_driver_sql(CREATE_TABLE)
     bench_asgi.SessionLocal.configure(bind=engine)
+    bench_asgi.UnitOfWorkSessionLocal.configure(bind=engine)
 
 
 def _pragmas(dbapi_connection: Any, record: Any) -> None:

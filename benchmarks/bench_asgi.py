@@ -30,8 +30,9 @@ Candidates:
   ContextLocalSingleton     dependency-injector's ``providers.ContextLocalSingleton`` session, a pure
                             ASGI middleware that resets it per request and closes what was opened,
                             ``@inject`` + ``Depends(Provide[...])``
-  RequestScoped, Provide    ``RequestScoped(unit_of_work, SessionLocal)`` + ``RequestScopeMiddleware``,
-                            dependency-injector's own ``Provide`` marker and ``@inject``
+  RequestScoped, Provide    ``RequestScoped(unit_of_work, UnitOfWorkSessionLocal)`` (a sessionmaker
+                            of its own) + ``RequestScopeMiddleware``, dependency-injector's own
+                            ``Provide`` marker and ``@inject``
   RequestScoped, fastapi.Provide   the same with ``di_request_scope.fastapi.Provide`` (awaited by
                             FastAPI on the event loop instead of in its threadpool)
   RequestScoped, fastapi.inject    ``di_request_scope.fastapi.inject`` with ``Annotated[Service,
@@ -73,8 +74,11 @@ from ._harness import Candidate, Result, Section, Settings, ameasure, async_time
 
 NAME = "asgi"
 
-# Bound to the engine in run(); every candidate's sessions come from here.
+# Bound to the engine in endpoint_candidates(); every peer's sessions come from here.
 SessionLocal = sessionmaker()
+# The same for RequestScoped's candidates: unit_of_work listens for its sessionmaker's
+# transaction begins, and the peers' sessions must not pay for that.
+UnitOfWorkSessionLocal = sessionmaker()
 SELECT_ONE = text("SELECT 1")
 
 
@@ -294,7 +298,7 @@ def context_local_app(container: ContextLocalContainer) -> FastAPI:
 
 
 class RequestScopedContainer(containers.DeclarativeContainer):
-    session = RequestScoped(unit_of_work, SessionLocal)
+    session = RequestScoped(unit_of_work, UnitOfWorkSessionLocal)
     repository = providers.Factory(Repository, session=session)
     service = providers.Factory(Service, repository=repository, session=session)
 
@@ -339,7 +343,7 @@ def hidden_inject_sync(service: HiddenService) -> dict[str, int]:
 class InlineCommitContainer(containers.DeclarativeContainer):
     """The same, with the commit pinned to the event loop: what ``offload=False`` saves."""
 
-    session = RequestScoped(unit_of_work, SessionLocal, offload=False)
+    session = RequestScoped(unit_of_work, UnitOfWorkSessionLocal, offload=False)
     repository = providers.Factory(Repository, session=session)
     service = providers.Factory(Service, repository=repository, session=session)
 
@@ -449,6 +453,7 @@ async def endpoint_candidates(path: str) -> AsyncIterator[list[Candidate]]:
     """Every candidate's app, checked, as timers of ``path`` (``/async`` or ``/sync``); torn down after."""
     engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     SessionLocal.configure(bind=engine)
+    UnitOfWorkSessionLocal.configure(bind=engine)
     context_local_container = ContextLocalContainer()
     request_scoped_container = RequestScopedContainer()
     inline_commit_container = InlineCommitContainer()

@@ -18,6 +18,7 @@ from ._scope import (
     RequestScope,
     _current,
     _Finalizer,
+    _make_finalizer,
     _Step,
     _to_thread,
     closed_scope_message,
@@ -134,7 +135,10 @@ _NEEDS_AWAIT: dict[type, bool] = {
     CoroutineType: True,
     AsyncGeneratorType: True,
 }
-_IS_CONTEXT_MANAGER: dict[type, bool] = {}
+# Context-manager classes -> their teardown's (exit, blocks) functions, the unit of work's
+# own or None; None for other classes.
+_CONTEXT_MANAGERS: dict[type, tuple[Any, Any] | None] = {}
+_UNKNOWN: Any = object()
 
 
 def _needs_await(result: object) -> bool:
@@ -146,10 +150,15 @@ def _needs_await(result: object) -> bool:
     return needs
 
 
-def _learn_is_context_manager(cls: type) -> bool:
-    """Whether ``cls`` is a context manager, remembered: callers look in the cache first."""
-    is_cm = _IS_CONTEXT_MANAGER[cls] = hasattr(cls, "__enter__") and hasattr(cls, "__exit__")
-    return is_cm
+def _learn_context_manager(cls: type) -> tuple[Any, Any] | None:
+    """``_CONTEXT_MANAGERS[cls]``, worked out and remembered: callers look in the cache first."""
+    hooks: tuple[Any, Any] | None = None
+    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+        # Our own context managers (the unit of work) take the failure directly and say
+        # whether they block. Looked up on the class: a proxy or a mock answers any name.
+        hooks = getattr(cls, "_di_request_scope_exit", None), getattr(cls, "_di_request_scope_blocks", None)
+    _CONTEXT_MANAGERS[cls] = hooks
+    return hooks
 
 
 async def _finish_async_generator(gen: AsyncIterator[Any], name: str, failure: BaseException | None) -> None:
@@ -183,22 +192,21 @@ def _enter_sync(result: Any, name: str) -> tuple[Any, _Finalizer | None]:
     if type(result) is GeneratorType:
         return _enter_generator(result, name)
     cls = type(result)
-    is_cm = _IS_CONTEXT_MANAGER.get(cls)
-    if is_cm is None:
-        is_cm = _learn_is_context_manager(cls)
-    if is_cm:
-        instance = cls.__enter__(result)
-        # Our own context managers (the unit of work) take the failure directly. Looked up on
-        # the class: a proxy or a mock answers any attribute name.
-        exit_step = getattr(cls, "_di_request_scope_exit", None)
-        blocks = getattr(cls, "_di_request_scope_blocks", None)
-        return instance, _Finalizer(
+    hooks = _CONTEXT_MANAGERS.get(cls, _UNKNOWN)
+    if hooks is _UNKNOWN:
+        hooks = _learn_context_manager(cls)
+    if hooks is None:
+        return result, None
+    instance = cls.__enter__(result)
+    exit_step, blocks = hooks
+    return instance, _make_finalizer(
+        (
             name,
             False,
             exit_step.__get__(result) if exit_step is not None else _exit_step(cls, result),
             blocks.__get__(result) if blocks is not None else None,
         )
-    return result, None
+    )
 
 
 def _exit_step(cls: Any, result: Any) -> Callable[[BaseException | None], Any]:

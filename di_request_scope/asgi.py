@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
+from types import CoroutineType
 from typing import Any, Literal
 
 from ._scope import _HAS_ANYIO, RequestScope, _aclose_and_report, _current, _shield, _shielded, logger
@@ -35,31 +36,36 @@ _OTHER_TASK_WARNING = (
 
 
 async def _receive_nowait(receive: Receive, checkpoints: int = 1) -> Message | None:
-    """The next message if ``receive()`` has one ready, else None; never waits, consumes nothing else.
-
-    The coroutine is stepped by hand in this task: if it would wait, it is
-    cancelled right there, before taking anything, as Starlette's
-    ``is_disconnected()`` does with a cancel scope, minus a trip round the event loop.
-    ``checkpoints`` bare yields (``await sleep(0)``, which anyio's memory streams,
-    Starlette's ``TestClient``, make before taking a queued message) are stepped
-    through first; a yielded future is a real wait and stops there.
-    """
+    """The next message if ``receive()`` has one ready, else None; never waits, consumes nothing else."""
     awaitable = receive()
-    if not inspect.iscoroutine(awaitable):  # some other awaitable: let anyio cancel it
-        return await _receive_nowait_anyio(awaitable)
+    if isinstance(awaitable, CoroutineType):
+        return _poll(awaitable, checkpoints)
+    return await _receive_nowait_anyio(awaitable)  # some other awaitable: let anyio cancel it
+
+
+def _poll(coroutine: Coroutine[Any, Any, Message], checkpoints: int = 1) -> Message | None:
+    """:func:`_receive_nowait` for a coroutine, which needs no coroutine of ours: stepped by hand.
+
+    If it would wait, it is cancelled right there, before taking anything, as
+    Starlette's ``is_disconnected()`` does with a cancel scope, minus a trip
+    round the event loop. ``checkpoints`` bare yields (``await sleep(0)``, which
+    anyio's memory streams, Starlette's ``TestClient``, make before taking a
+    queued message) are stepped through first; a yielded future is a real wait
+    and stops there.
+    """
     try:
         for _ in range(checkpoints):
-            if awaitable.send(None) is not None:
+            if coroutine.send(None) is not None:
                 break
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     try:
-        awaitable.throw(asyncio.CancelledError())
+        coroutine.throw(asyncio.CancelledError())
     except asyncio.CancelledError:
         return None
     except StopIteration as stop:  # it caught the cancellation and still had a message
         return stop.value  # type: ignore[no-any-return]
-    awaitable.close()  # it caught the cancellation and waited again: give up on it
+    coroutine.close()  # it caught the cancellation and waited again: give up on it
     return None
 
 
@@ -149,25 +155,30 @@ class _Exchange:
         return self._send(message)
 
     async def _start_after_hooks(self, message: Message) -> None:
-        await self._before_response_start()
-        self._scope._response_started = True
-        await self._send(message)
-
-    async def _before_response_start(self) -> None:
+        request_scope = self._scope
         # Servers drop sends to a closed connection silently, so look before
         # committing: a receive() that does not block tells, one that would
         # block is cancelled at once and consumes nothing. Never while the app
         # itself waits in receive(): a server may deliver the disconnect once.
         if not self.client_gone and self.peeked is None and not self._receiving:
-            peeked = self.peeked = await _receive_nowait(self._receive)
+            awaitable = self._receive()
+            peeked = self.peeked = (
+                _poll(awaitable)
+                if isinstance(awaitable, CoroutineType)
+                else await _receive_nowait_anyio(awaitable)
+            )
             if peeked is not None:
                 self.client_gone = peeked["type"] == "http.disconnect"
         if self.client_gone:
-            self._scope.fail(RequestFailed("the client disconnected before the response started"))
+            request_scope.fail(RequestFailed("the client disconnected before the response started"))
         else:
             # A failure is raised into the app instead of sending the status:
             # the client gets a 5xx from the server or ServerErrorMiddleware.
-            await self._scope._run_before_response()
+            pending = request_scope._run_before_response()
+            if pending is not None:
+                await pending
+        request_scope._response_started = True
+        await self._send(message)
 
 
 class RequestScopeMiddleware:
@@ -303,7 +314,9 @@ class RequestScopeMiddleware:
                 if is_failure_status(status):
                     request_scope.fail(RequestFailed(f"the response status was {status}", status_code=status))
                 elif request_scope._before_response and request_scope._failure is None:
-                    await request_scope._run_before_response()
+                    pending = request_scope._run_before_response()
+                    if pending is not None:
+                        await pending
                 request_scope._response_started = True
             elif kind == "websocket.accept":
                 accepted = True
@@ -373,7 +386,9 @@ class RequestScopeMiddleware:
                 await look_for_abnormal_close(current)
             if current._failure is None:
                 # A failure is raised from send() instead of sending the reply, as for HTTP.
-                await current._run_before_response()
+                pending = current._run_before_response()
+                if pending is not None:
+                    await pending
 
         async def end_message(ending: RequestScope, ending_token: Token[RequestScope | None]) -> None:
             error: BaseException | None = None
@@ -454,7 +469,9 @@ class RequestScopeMiddleware:
                 if is_failure_status(status):
                     connection.fail(RequestFailed(f"the response status was {status}", status_code=status))
                 elif connection._before_response:
-                    await connection._run_before_response()
+                    pending = connection._run_before_response()
+                    if pending is not None:
+                        await pending
                 connection._response_started = True
             await send(sent)
 

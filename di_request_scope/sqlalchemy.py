@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
@@ -34,7 +34,7 @@ try:  # SQLAlchemy's asyncio support needs greenlet (the sqlalchemy[asyncio] ext
 except ImportError:  # pragma: no cover - the test extra installs it
     _AsyncSession = None  # type: ignore[assignment,misc]
 
-from ._scope import RequestScope, _shielded, current_scope
+from ._scope import RequestScope, _shielded, _to_thread, current_scope
 from .exceptions import RequestScopeError
 
 __all__ = [
@@ -56,7 +56,9 @@ _ROLLBACK_ONLY = "di_request_scope.rollback_only"
 _UNIT_OF_WORK = "di_request_scope.unit_of_work"
 # The thread in which a unit of work's current transaction began (took its connection).
 _BEGAN_IN = "di_request_scope.began_in"
-_listening = False
+# Set on each session class (a sessionmaker's own subclass) whose begins are listened for.
+_LISTENING = "_di_request_scope_listening"
+_listen_lock = threading.Lock()
 
 
 def _note_begin_thread(session: Session, transaction: Any, connection: Any) -> None:
@@ -65,12 +67,16 @@ def _note_begin_thread(session: Session, transaction: Any, connection: Any) -> N
         info[_BEGAN_IN] = threading.get_ident()
 
 
-def _listen_for_begins() -> None:
-    """Learn where each unit of work does its I/O; one class-wide listener, added on first use."""
-    global _listening  # noqa: PLW0603 - a once-per-process switch
-    if not _listening:
-        event.listen(Session, "after_begin", _note_begin_thread)
-        _listening = True
+def _listen_for_begins(cls: type[Session]) -> None:
+    """Learn where each unit of work does its I/O: one listener per session class, on first use.
+
+    The class is the sessionmaker's own subclass, so sessions made elsewhere (another
+    sessionmaker, a script's ``Session(engine)``) pay nothing for the event.
+    """
+    with _listen_lock:
+        if not getattr(cls, _LISTENING, False):
+            event.listen(cls, "after_begin", _note_begin_thread)
+            setattr(cls, _LISTENING, True)
 
 
 class LateCommitError(RequestScopeError):
@@ -151,8 +157,9 @@ def unit_of_work(
     session.info[_UNIT_OF_WORK] = True
     if is_async:
         return _async_unit_of_work(session, scope)  # type: ignore[arg-type]
-    if not _listening:
-        _listen_for_begins()
+    cls = type(session)
+    if not getattr(cls, _LISTENING, False):
+        _listen_for_begins(cls)  # type: ignore[arg-type]
     return _SyncUnitOfWork(session, scope, offload)  # type: ignore[arg-type]
 
 
@@ -176,10 +183,19 @@ class _SyncUnitOfWork:
         if not scope._response_started:  # created after the status: commit at teardown only
             scope.call_before_response(self)
 
-    def __call__(self) -> None:
-        """The commit before the response: a failure here still becomes a 5xx."""
-        if _has_work(self.session):
-            _commit(self.session)
+    def __call__(self) -> Awaitable[None] | None:
+        """The commit before the response: a failure here still becomes a 5xx.
+
+        Run where the transaction began: the awaitable of a worker thread's commit, or
+        None when it committed right here.
+        """
+        session = self.session
+        if not _has_work(session):
+            return None
+        if self._offloads():
+            return _to_thread(functools.partial(_commit, session))
+        _commit(session)
+        return None
 
     def __enter__(self) -> Session:
         return self.session
@@ -200,14 +216,16 @@ class _SyncUnitOfWork:
             session.close()
 
     def _di_request_scope_blocks(self, failure: BaseException | None = None) -> bool:
-        # Only a transaction to commit or roll back talks to the database, and it
-        # needs a thread only if its queries ran in one.
-        session = self.session
-        if not _has_work(session):
+        # Only a transaction to commit or roll back talks to the database.
+        return _has_work(self.session) and self._offloads()
+
+    def _offloads(self) -> bool:
+        """Whether commit and rollback go to a worker thread: where the transaction began, unless pinned."""
+        if self.scope._sync_only:  # torn down where no event loop runs (WSGI): nothing to spare
             return False
         if self.offload is not None:
             return self.offload
-        return session.info.get(_BEGAN_IN) != threading.get_ident()
+        return self.session.info.get(_BEGAN_IN) != threading.get_ident()
 
 
 def _has_work(session: AnySession) -> bool:

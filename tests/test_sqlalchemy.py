@@ -13,7 +13,17 @@ import pytest
 from dependency_injector import containers, providers
 from fastapi import BackgroundTasks, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, create_engine, select
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,8 +38,11 @@ from di_request_scope import (
     request_scope,
 )
 from di_request_scope.sqlalchemy import (
+    _BEGAN_IN,
+    _UNIT_OF_WORK,
     LateCommitError,
     RollbackOnlyError,
+    _note_begin_thread,
     managed_async_engine,
     managed_engine,
     transactional,
@@ -779,6 +792,22 @@ async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
     assert ok_close_thread == loop_thread  # committed before the response: closing does no I/O
     assert not ok_in_tx
     assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
+def test_unit_of_work_listens_only_to_its_own_sessionmakers_sessions(tmp_path: Any) -> None:
+    """Its after-begin listener goes on the sessionmaker's own class: other sessions pay nothing for it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'listen.sqlite3'}")
+    used, other = sessionmaker(bind=engine), sessionmaker(bind=engine)
+    session = RequestScoped(unit_of_work, used)
+    with request_scope():
+        session().execute(select(1))
+    assert event.contains(used.class_, "after_begin", _note_begin_thread)
+    assert not event.contains(other.class_, "after_begin", _note_begin_thread)
+    with other() as plain:  # and a session of the other sessionmaker notes nothing
+        plain.info[_UNIT_OF_WORK] = True
+        plain.execute(select(1))
+        assert _BEGAN_IN not in plain.info
     engine.dispose()
 
 

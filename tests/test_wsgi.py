@@ -587,6 +587,36 @@ def test_commit_runs_when_start_response_is_called_in_the_first_iteration(db: Db
     engine.dispose()
 
 
+@pytest.mark.parametrize("offload", [None, True, False])
+def test_every_offload_setting_commits_in_the_requests_own_thread(db: Db, offload: bool | None) -> None:
+    """WSGI runs no event loop to keep free: ``offload`` changes nothing, the commit runs in place."""
+    engine = create_engine(db.url)
+    work_threads: list[int] = []
+    commit_threads: list[int] = []
+
+    class RecordingSession(Session):
+        def commit(self) -> None:
+            commit_threads.append(threading.get_ident())
+            super().commit()
+
+    session = RequestScoped(unit_of_work, sessionmaker(bind=engine, class_=RecordingSession), offload=offload)
+
+    def work() -> None:
+        work_threads.append(threading.get_ident())
+        session().add(db.model("a"))
+
+    closes = Closes()
+    app = closes.around(RequestScopeWSGIMiddleware(raw_app(work)))
+    with serve(app) as url:
+        status = httpx.get(url, timeout=TIMEOUT).status_code
+        closes.wait_for(1)
+    assert status == 200
+    assert db.texts() == ["a"]
+    assert commit_threads == work_threads
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
 def test_an_async_before_response_hook_is_refused_with_a_500(caplog: pytest.LogCaptureFixture) -> None:
     """WSGI runs no event loop: an async hook is closed unawaited, logged as ScopeMisuseError; a 500."""
     ran: list[str] = []
