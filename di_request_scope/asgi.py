@@ -161,7 +161,7 @@ class _Exchange:
         # block is cancelled at once and consumes nothing. Never while the app
         # itself waits in receive(): a server may deliver the disconnect once.
         if not self.client_gone and self.peeked is None and not self._receiving:
-            awaitable = self._receive()
+            awaitable = self._receive()  # _receive_nowait(), minus a coroutine of its own
             peeked = self.peeked = (
                 _poll(awaitable)
                 if isinstance(awaitable, CoroutineType)
