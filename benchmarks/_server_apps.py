@@ -54,6 +54,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from di_request_scope import RequestScopeMiddleware
+
 from . import bench_asgi
 from .bench_asgi import (
     AsyncService,
@@ -120,12 +122,12 @@ def _request_scoped_container() -> RequestScopedContainer:
 
 def bare() -> FastAPI:
     _memory_engine()
-    return bench_asgi.bare_app(middleware=False)
+    return bench_asgi.bare_app()
 
 
 def bare_middleware() -> FastAPI:
     _memory_engine()
-    return bench_asgi.bare_app(middleware=True)
+    return bench_asgi.bare_app(middleware=RequestScopeMiddleware)
 
 
 def depends() -> FastAPI:
@@ -325,7 +327,7 @@ def _preload() -> None:
 
     uvicorn.Config(_nothing, log_level="warning").load()
     create_engine("sqlite://").dispose()
-    bench_asgi.bare_app(middleware=False)
+    bench_asgi.bare_app()
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -21,6 +21,8 @@ requests got different sessions, and each session's transaction had ended
 Candidates:
   bare                      no session, no middleware: the floor
   bare + middleware         RequestScopeMiddleware around the same endpoints, nothing resolved
+  minimal scope middleware  a reference: the least a request-scope middleware can do (a scope in
+                            the ContextVar, ``send`` wrapped to see the status): the floor for the above
   Depends(get_db)           FastAPI's tutorial pattern: a ``yield`` dependency; repository and
                             service built by ``async def`` dependencies (no extra thread hop)
   dishka                    ``make_async_container``, ``setup_dishka``, ``@inject`` + ``FromDishka``
@@ -65,7 +67,8 @@ from that_depends import BaseContainer
 from that_depends import providers as td_providers
 from that_depends.providers import DIContextMiddleware
 
-from di_request_scope import RequestScoped, RequestScopeMiddleware
+from di_request_scope import RequestFailed, RequestScope, RequestScoped, RequestScopeMiddleware
+from di_request_scope._scope import _current
 from di_request_scope.fastapi import Provide as AsyncProvide
 from di_request_scope.fastapi import inject as hidden_inject
 from di_request_scope.sqlalchemy import unit_of_work
@@ -120,10 +123,46 @@ def session_generator() -> Iterator[Session]:
 # --- bare ------------------------------------------------------------------------------
 
 
-def bare_app(*, middleware: bool) -> FastAPI:
+class MinimalScopeMiddleware:
+    """The least a request-scope middleware can do, as a floor for RequestScopeMiddleware's own cost.
+
+    A scope per request, set in the ContextVar, and ``send`` wrapped to see the
+    response status (a framework's error page never reaches an outer middleware
+    as an exception). No disconnect check, no before-response commit, no
+    WebSockets, nothing logged: a reference, not a candidate.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_scope = RequestScope()
+        token = _current.set(request_scope)
+
+        def watch_status(message: Any) -> Any:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                request_scope.fail(RequestFailed(f"the response status was {message['status']}"))
+            return send(message)
+
+        try:
+            await self.app(scope, receive, watch_status)
+        except BaseException as exc:
+            request_scope.fail(exc)
+            raise
+        finally:
+            try:
+                request_scope.close()
+            finally:
+                _current.reset(token)
+
+
+def bare_app(*, middleware: Any = None) -> FastAPI:
     app = FastAPI()
-    if middleware:
-        app.add_middleware(RequestScopeMiddleware)
+    if middleware is not None:
+        app.add_middleware(middleware)
 
     @app.get("/async")
     async def async_endpoint() -> dict[str, int]:
@@ -464,8 +503,19 @@ async def endpoint_candidates(path: str) -> AsyncIterator[list[Candidate]]:
     dishka_fastapi, dishka_container = dishka_app()
 
     apps: list[tuple[str, str, Any, bool]] = [
-        ("bare", "no session: the floor", bare_app(middleware=False), False),
-        ("bare + RequestScopeMiddleware", "nothing resolved", bare_app(middleware=True), False),
+        ("bare", "no session: the floor", bare_app(), False),
+        (
+            "bare + RequestScopeMiddleware",
+            "nothing resolved",
+            bare_app(middleware=RequestScopeMiddleware),
+            False,
+        ),
+        (
+            "bare + minimal scope middleware (reference)",
+            "a scope in the ContextVar and the status watched, nothing else: the floor for the row above",
+            bare_app(middleware=MinimalScopeMiddleware),
+            False,
+        ),
         ("FastAPI Depends(get_db)", "`yield` dependency", depends_app(), True),
         ("dishka", "`setup_dishka`, `FromDishka`", dishka_fastapi, True),
         ("that-depends", "`DIContextMiddleware`, `Depends(provider)`", that_depends_app(), True),
