@@ -28,7 +28,7 @@ BENCHMARKS = {
     module.NAME: module
     for module in (bench_resolve, bench_asgi, bench_memory, bench_server, bench_instructions)
 }
-# A full run leaves out the instruction counts (an hour more) unless named; a smoke run has them all.
+# A full run leaves out the instruction counts (half an hour more) unless named; a smoke run has them all.
 DEFAULT = [name for name in BENCHMARKS if name != bench_instructions.NAME]
 PACKAGES = [
     "di-request-scope",

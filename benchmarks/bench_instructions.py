@@ -23,7 +23,7 @@ waiting for other threads are not in them, so a candidate can execute fewer
 instructions and still take longer; the timing tables are what a user sees.
 
 Needs ``valgrind`` on ``PATH``; without it the section says so and counts nothing.
-Run it alone with ``python -m benchmarks instructions`` (about an hour);
+Run it alone with ``python -m benchmarks instructions`` (about half an hour);
 ``--smoke`` counts two candidates with few loops.
 """
 
