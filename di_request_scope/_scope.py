@@ -218,20 +218,50 @@ class RequestScope:
         """Run ``hook`` (sync or async) just before a successful response starts.
 
         This is where a unit of work commits, so that a failed commit can still
-        become a 5xx. Hooks run in registration order; outside HTTP they never run.
+        become a 5xx. Hooks run in registration order, including hooks registered
+        while earlier ones run; outside HTTP they never run.
         """
-        with self._lock:
+        if not self._add_before_response(hook):
             if self._closed:
                 raise NoRequestScopeError("cannot register a hook on a request scope that has already closed")
-            if self._response_started:
-                raise ScopeMisuseError(
-                    "the response has already started, so a before-response hook would never run; "
-                    "check `scope.response_started` first and do the work at teardown instead"
-                )
+            raise ScopeMisuseError(
+                "the response has already started, so a before-response hook would never run; "
+                "check `scope.response_started` first and do the work at teardown instead"
+            )
+
+    def _add_before_response(self, hook: Hook) -> bool:
+        """Register ``hook`` unless the response started (or the scope closed): then False.
+
+        Checked under the lock that the hooks are taken with, so a hook is either
+        run before the response or refused, never left behind.
+        """
+        with self._lock:
+            if self._closed or self._response_started:
+                return False
             if self._before_response is None:
                 self._before_response = [hook]
             else:
                 self._before_response.append(hook)
+            return True
+
+    def _take_before_response(self) -> list[Hook] | None:
+        """The hooks not run yet; when there are none, the response counts as started.
+
+        One step under the lock: a hook registered meanwhile (by a hook, or by
+        another task while a commit is awaited) is taken in the next round, and
+        one registered after the last round is refused.
+        """
+        lock = self._lock
+        lock.acquire()  # not `with`: acquire() and release() cost half as much
+        try:
+            hooks = self._before_response
+            if hooks is None:
+                self._response_started = True
+            else:
+                self._before_response = None
+            return hooks
+        finally:
+            lock.release()
 
     def _run_before_response(self) -> Awaitable[None] | None:
         """Run the hooks; None when all ran here, else an awaitable for the rest to await.
@@ -239,21 +269,15 @@ class RequestScope:
         Sync hooks (a unit of work's commit on the event loop) run right here, so most
         requests pay for no coroutine; one that returns an awaitable (a commit sent to
         a worker thread) hands it and the hooks after it back. A hook that fails fails
-        the scope and propagates, so nothing is sent.
+        the scope and propagates, so nothing is sent. Marks the response started once
+        no hook is left.
         """
-        lock = self._lock
-        lock.acquire()  # not `with`: acquire() and release() cost half as much
         try:
-            hooks, self._before_response = self._before_response or (), None
-        finally:
-            lock.release()
-        done = 0
-        try:
-            for hook in hooks:
-                done += 1
-                result = hook()
-                if result is not None:
-                    return self._await_hooks(result, hooks[done:])
+            while (hooks := self._take_before_response()) is not None:
+                for done, hook in enumerate(hooks, 1):
+                    result = hook()
+                    if result is not None:
+                        return self._await_hooks(result, hooks[done:])
         except BaseException as exc:
             self.fail(exc)
             raise
@@ -261,31 +285,33 @@ class RequestScope:
 
     async def _await_hooks(self, pending: Awaitable[None], rest: Sequence[Hook]) -> None:
         """The rest of :meth:`_run_before_response`, from the first hook that returned an awaitable."""
+        hooks: Sequence[Hook] | None = rest
         try:
             await pending
-            for hook in rest:
-                result = hook()
-                if result is not None:
-                    await result
+            while hooks is not None:
+                for hook in hooks:
+                    result = hook()
+                    if result is not None:
+                        await result
+                hooks = self._take_before_response()
         except BaseException as exc:
             self.fail(exc)
             raise
 
     def _run_before_response_sync(self) -> None:
         """Run the hooks where no event loop runs (WSGI): an async hook there is a setup error."""
-        with self._lock:
-            hooks, self._before_response = self._before_response or (), None
-        for hook in hooks:
-            result = hook()
-            if result is not None:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()  # a coroutine never awaited: no "was never awaited" warning
-                raise ScopeMisuseError(
-                    f"the before-response hook {hook!r} is async (an AsyncSession unit of work?), and a "
-                    "WSGI server runs no event loop to await it; use a sync Session (sessionmaker) "
-                    "under RequestScopeWSGIMiddleware"
-                )
+        while (hooks := self._take_before_response()) is not None:
+            for hook in hooks:
+                result = hook()
+                if result is not None:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()  # a coroutine never awaited: no "was never awaited" warning
+                    raise ScopeMisuseError(
+                        f"the before-response hook {hook!r} is async (an AsyncSession unit of work?), and "
+                        "a WSGI server runs no event loop to await it; use a sync Session (sessionmaker) "
+                        "under RequestScopeWSGIMiddleware"
+                    )
 
     def _store(self, key: object, instance: object, finalizer: _Finalizer | None) -> bool:
         """Keep a new instance; False when the scope closed while it was created."""

@@ -180,8 +180,9 @@ class _SyncUnitOfWork:
         self.session = session
         self.scope = scope
         self.offload = offload
-        if not scope._response_started:  # created after the status: commit at teardown only
-            scope.call_before_response(self)
+        # Refused once the status is out (created in a streaming body, a background
+        # task): then it commits at teardown only.
+        scope._add_before_response(self)
 
     def __call__(self) -> Awaitable[None] | None:
         """The commit before the response: a failure here still becomes a 5xx.
@@ -253,8 +254,7 @@ async def _async_unit_of_work(session: AsyncSession, scope: RequestScope) -> Asy
             # Shielded: a commit cut off half-way by a timeout would leave its outcome unknown.
             await _shielded(functools.partial(_acommit, session))
 
-    if not scope.response_started:  # created after the status: commit at teardown only
-        scope.call_before_response(commit_before_response)
+    scope._add_before_response(commit_before_response)  # refused after the status: teardown commits
     try:
         yield session
     except BaseException:

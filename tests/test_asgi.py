@@ -1638,6 +1638,39 @@ async def test_before_response_hooks_run_in_registration_order_sync_and_async(wi
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("registered_by", ["sync hook", "async hook"])
+async def test_hooks_registered_while_hooks_run_also_run_before_the_status(
+    wire: Any, registered_by: str
+) -> None:
+    """A hook added by a running hook (or while one is awaited) runs before the status too, not never."""
+    events: list[str] = []
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    def late_hook() -> None:
+        events.append("late hook")
+
+    def sync_hook() -> None:
+        events.append("sync hook")
+        current_scope().call_before_response(late_hook)
+
+    async def async_hook() -> None:
+        events.append("async hook")
+        await asyncio.sleep(0)  # registered while the middleware awaits this hook
+        current_scope().call_before_response(late_hook)
+
+    @app.get("/")
+    async def endpoint() -> dict[str, str]:
+        current_scope().call_before_response(sync_hook if registered_by == "sync hook" else async_hook)
+        return {}
+
+    client = RawClient(lambda m: events.append(m["type"]))
+    await client.run(app, http_scope("/"))
+
+    assert events == [registered_by, "late hook", "http.response.start", "http.response.body"]
+
+
+@pytest.mark.anyio
 async def test_client_gone_before_the_response_starts_skips_the_commit_hook_and_rolls_back(
     wire: Any, sqlite_db: tuple[Any, str]
 ) -> None:

@@ -795,6 +795,65 @@ async def test_sync_session_io_runs_in_the_thread_where_its_transaction_began(
     engine.dispose()
 
 
+@pytest.mark.parametrize("audit_fails", [False, True], ids=["audit commits", "audit commit fails"])
+def test_a_session_first_used_while_another_commits_commits_before_the_status(
+    db: Db, tmp_path: Any, audit_fails: bool
+) -> None:
+    """An audit session written from the main session's ``before_commit`` (in a worker thread) is
+    committed before the status as well: its failure is a 500, not a 200 with lost audit rows."""
+    audit_metadata = MetaData()
+    audit = Table(
+        "audit",
+        audit_metadata,
+        Column("id", Integer, primary_key=True),
+        Column("text", String(50), unique=True),
+    )
+
+    class AuditRow:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    registry().map_imperatively(AuditRow, audit)
+    audit_engine = create_engine(f"sqlite:///{tmp_path / 'audit.sqlite3'}", poolclass=NullPool)
+    audit_metadata.create_all(audit_engine)
+    if audit_fails:
+        with audit_engine.begin() as conn:
+            conn.execute(audit.insert().values(text="wrote hello"))  # the audit insert will collide
+    engine = create_engine(db.url, poolclass=NullPool)
+    main_sessions = sessionmaker(bind=engine)
+
+    class Container(containers.DeclarativeContainer):
+        # offload=True: the main commit, and so its before_commit event, runs in a worker thread
+        # while the middleware awaits it.
+        session = RequestScoped(unit_of_work, providers.Object(main_sessions), offload=True)
+        audit_session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=audit_engine)))
+
+    container = Container()
+
+    @event.listens_for(main_sessions, "before_commit")
+    def write_audit(session: Session) -> None:
+        container.audit_session().add(AuditRow("wrote hello"))  # flushed, and so failing, at its commit
+
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.post("/notes")
+    async def create_note() -> dict[str, str]:
+        container.session().add(db.model("hello"))
+        return {"created": "hello"}
+
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            status = client.post("/notes").status_code
+        with audit_engine.connect() as conn:
+            audited = list(conn.execute(select(audit.c.text)).scalars())
+    finally:
+        audit_engine.dispose()
+        engine.dispose()
+    assert status == (500 if audit_fails else 200)
+    assert audited == ["wrote hello"]
+
+
 def test_unit_of_work_listens_only_to_its_own_sessionmakers_sessions(tmp_path: Any) -> None:
     """Its after-begin listener goes on the sessionmaker's own class: other sessions pay nothing for it."""
     engine = create_engine(f"sqlite:///{tmp_path / 'listen.sqlite3'}")

@@ -617,6 +617,31 @@ def test_every_offload_setting_commits_in_the_requests_own_thread(db: Db, offloa
     engine.dispose()
 
 
+def test_a_hook_registered_by_a_running_hook_runs_before_the_status() -> None:
+    """A hook that registers another (a commit that opens a second unit of work) does not lose it."""
+    events: list[str] = []
+
+    def late_hook() -> None:
+        events.append("late hook")
+
+    def first_hook() -> None:
+        events.append("first hook")
+        current_scope().call_before_response(late_hook)
+
+    scoped = RequestScopeWSGIMiddleware(raw_app(lambda: current_scope().call_before_response(first_hook)))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        def start(status: str, headers: Any, *exc_info: Any) -> Any:
+            events.append(f"status {status}")
+            return start_response(status, headers, *exc_info)
+
+        return scoped(environ, start)
+
+    with serve(app) as url:
+        assert httpx.get(url, timeout=TIMEOUT).status_code == 200
+    assert events == ["first hook", "late hook", "status 200 OK"]
+
+
 def test_an_async_before_response_hook_is_refused_with_a_500(caplog: pytest.LogCaptureFixture) -> None:
     """WSGI runs no event loop: an async hook is closed unawaited, logged as ScopeMisuseError; a 500."""
     ran: list[str] = []
