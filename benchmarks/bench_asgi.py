@@ -23,6 +23,8 @@ Candidates:
   bare + middleware         RequestScopeMiddleware around the same endpoints, nothing resolved
   minimal scope middleware  a reference: the least a request-scope middleware can do (a scope in
                             the ContextVar, ``send`` wrapped to see the status): the floor for the above
+  hand-written session      a reference: the endpoint opens, commits and closes its own session,
+                            no DI at all: the floor for every candidate below
   Depends(get_db)           FastAPI's tutorial pattern: a ``yield`` dependency; repository and
                             service built by ``async def`` dependencies (no extra thread hop)
   dishka                    ``make_async_container``, ``setup_dishka``, ``@inject`` + ``FromDishka``
@@ -171,6 +173,35 @@ def bare_app(*, middleware: Any = None) -> FastAPI:
     @app.get("/sync")
     def sync_endpoint() -> dict[str, int]:
         return {"value": 1}
+
+    return app
+
+
+# --- hand-written: no DI -----------------------------------------------------------------
+
+
+def hand_written_app() -> FastAPI:
+    """The endpoint opens, commits and closes its session itself: the floor for every DI candidate.
+
+    It does what they do for the database (one session shared by the repository and
+    the service, committed before the response, closed) and nothing else: no
+    middleware, no container, no rollback on an error status.
+    """
+    app = FastAPI()
+
+    @app.get("/async")
+    async def async_endpoint() -> dict[str, int]:
+        with SessionLocal() as session:
+            result = Service(Repository(session), session).run()
+            session.commit()
+        return result
+
+    @app.get("/sync")
+    def sync_endpoint() -> dict[str, int]:
+        with SessionLocal() as session:
+            result = Service(Repository(session), session).run()
+            session.commit()
+        return result
 
     return app
 
@@ -515,6 +546,12 @@ async def endpoint_candidates(path: str) -> AsyncIterator[list[Candidate]]:
             "a scope in the ContextVar and the status watched, nothing else: the floor for the row above",
             bare_app(middleware=MinimalScopeMiddleware),
             False,
+        ),
+        (
+            "hand-written session (reference)",
+            "no DI: the endpoint opens, commits and closes it: the floor for the rows below",
+            hand_written_app(),
+            True,
         ),
         ("FastAPI Depends(get_db)", "`yield` dependency", depends_app(), True),
         ("dishka", "`setup_dishka`, `FromDishka`", dishka_fastapi, True),

@@ -178,3 +178,112 @@ async def test_inject_resolves_a_sync_endpoints_parameters_in_its_worker_thread(
     assert body["same"] is True
     assert created_in == [body["thread"]]
     assert body["thread"] != threading.get_ident()
+
+
+# --- di_request_scope.fastapi.inject resolves the injections itself ------------------------------
+
+
+async def _wait_for_each_other(events: tuple[anyio.Event, anyio.Event], index: int) -> str:
+    """Done only once the other one started too: awaited one after the other, they would never finish."""
+    events[index].set()
+    await events[1 - index].wait()
+    return f"side {index}"
+
+
+def _logged_resource(log: list[str]) -> Iterator[list[str]]:
+    log.append("initialised")
+    yield log
+    log.append("shut down")
+
+
+class ResolvingContainer(containers.DeclarativeContainer):
+    label = providers.Object("first container")
+    events = providers.Object(None)  # overridden per test with a pair of anyio.Event
+    left = providers.Factory(_wait_for_each_other, events, 0)
+    right = providers.Factory(_wait_for_each_other, events, 1)
+    log = providers.Object([])
+    resource = providers.Resource(_logged_resource, log)
+
+
+@hidden_inject
+async def labelled(label: str = wiring.Provide[ResolvingContainer.label]) -> str:
+    return label
+
+
+@hidden_inject
+def labelled_sync(label: str = wiring.Provide[ResolvingContainer.label]) -> str:
+    return label
+
+
+@hidden_inject
+async def two_async(
+    left: str = wiring.Provide[ResolvingContainer.left], right: str = wiring.Provide[ResolvingContainer.right]
+) -> tuple[str, str]:
+    return left, right
+
+
+@hidden_inject
+async def one_async(left: str = wiring.Provide[ResolvingContainer.left]) -> str:
+    return left
+
+
+@hidden_inject
+async def closing(log: list[str] = wiring.Closing[wiring.Provide[ResolvingContainer.resource]]) -> list[str]:
+    return list(log)
+
+
+@pytest.fixture
+def resolving() -> Iterator[ResolvingContainer]:
+    container = ResolvingContainer()
+    container.wire(modules=[__name__])
+    yield container
+    container.unwire()
+
+
+@pytest.mark.anyio
+async def test_inject_awaits_async_providers_and_runs_several_at_once(resolving: ResolvingContainer) -> None:
+    """An async provider's result is awaited; two are awaited together, as dependency-injector does."""
+    resolving.events.override(providers.Object((anyio.Event(), anyio.Event())))
+    with anyio.fail_after(WAIT):
+        assert await two_async() == ("side 0", "side 1")
+    other_side_started = anyio.Event()
+    other_side_started.set()
+    resolving.events.override(providers.Object((anyio.Event(), other_side_started)))
+    with anyio.fail_after(WAIT):
+        assert await one_async() == "side 0"
+
+
+@pytest.mark.anyio
+async def test_inject_passes_explicit_arguments_through(resolving: ResolvingContainer) -> None:
+    """A caller's own argument wins over the injection, for async and sync functions."""
+    assert await labelled(label="given") == "given"
+    assert labelled_sync(label="given") == "given"
+    assert await labelled() == "first container"
+    assert labelled_sync() == "first container"
+
+
+@pytest.mark.anyio
+async def test_inject_follows_wiring_unwiring_and_rewiring() -> None:
+    """Each call reads what wiring bound last: a new container after unwire() is the one injected."""
+    first = ResolvingContainer()
+    first.wire(modules=[__name__])
+    assert await labelled() == "first container"
+    first.unwire()
+    assert isinstance(await labelled(), wiring.Provide)  # unwired: the marker itself, as with @inject
+    second = ResolvingContainer(label=providers.Object("second container"))
+    second.wire(modules=[__name__])
+    try:
+        assert await labelled() == "second container"
+        assert labelled_sync() == "second container"
+    finally:
+        second.unwire()
+
+
+@pytest.mark.anyio
+async def test_inject_shuts_a_closing_resource_down_after_the_call(resolving: ResolvingContainer) -> None:
+    """``Closing[...]`` keeps dependency-injector's behaviour: the resource is shut down after the call."""
+    log: list[str] = []
+    resolving.log.override(providers.Object(log))
+    assert await closing() == ["initialised"]
+    assert log == ["initialised", "shut down"]
+    assert not resolving.resource.initialized
