@@ -73,31 +73,45 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _work(inbox: queue.SimpleQueue[_Job]) -> None:
-    while True:
-        try:
-            loop, future, context, func = inbox.get(timeout=IDLE_SECONDS)
-        except queue.Empty:
-            with _lock:
-                if inbox in _idle:  # nobody picked this worker meanwhile: retire it
-                    _idle.remove(inbox)
-                    return
-            continue  # picked just now: its job is on the way
-        error: BaseException | None = None
-        result = None
-        try:
-            with _claim(loop):
+    # Claimed as a worker of the loop it last served, until it serves another or exits:
+    # claiming per job cost a commit's hop more than the rest of the worker's side.
+    # An idle worker so keeps that loop referenced, for IDLE_SECONDS at most.
+    claimed: asyncio.AbstractEventLoop | None = None
+    claim: contextlib.AbstractContextManager[Any] | None = None
+    try:
+        while True:
+            try:
+                loop, future, context, func = inbox.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with _lock:
+                    if inbox in _idle:  # nobody picked this worker meanwhile: retire it
+                        _idle.remove(inbox)
+                        return
+                continue  # picked just now: its job is on the way
+            if loop is not claimed:
+                if claim is not None:
+                    claim.__exit__(None, None, None)
+                claim = _claim(loop)
+                claim.__enter__()
+                claimed = loop
+            error: BaseException | None = None
+            result = None
+            try:
                 result = context.run(func)
-        except StopIteration as exc:  # a future refuses it (it would end a coroutine): as anyio does
-            error = RuntimeError("a function run in a worker thread raised StopIteration")
-            error.__cause__ = exc
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            error = exc
-        del func, context
-        with _lock:  # idle before the caller hears back, so its next job can come straight here
-            _idle.append(inbox)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(_settle, future, result, error)
-        del loop, future, result, error  # hold nothing while idle
+            except StopIteration as exc:  # a future refuses it (it would end a coroutine): as anyio does
+                error = RuntimeError("a function run in a worker thread raised StopIteration")
+                error.__cause__ = exc
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                error = exc
+            del func, context
+            with _lock:  # idle before the caller hears back, so its next job can come straight here
+                _idle.append(inbox)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            del loop, future, result, error  # hold no job's objects while idle
+    finally:
+        if claim is not None:
+            claim.__exit__(None, None, None)
 
 
 def run_in_thread(func: Callable[[], R]) -> asyncio.Future[R]:

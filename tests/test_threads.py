@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 
 import anyio.from_thread
+import anyio.to_thread
 import pytest
 
 from di_request_scope import RequestScoped, _threads, request_scope
@@ -151,6 +152,26 @@ async def test_code_in_a_worker_may_call_back_into_the_event_loop_with_anyio() -
     async with request_scope():
         assert provider() == "resource"
     assert called_on == [loop_thread]
+
+
+async def test_a_worker_that_served_another_loop_calls_back_into_the_loop_of_its_current_job() -> None:
+    """Workers stay claimed for the loop they last served: a job from a new loop re-claims the worker."""
+
+    def worker_and_loop_thread() -> tuple[int, int]:
+        return threading.get_ident(), anyio.from_thread.run_sync(threading.get_ident)
+
+    first_worker, first_loop = await run_in_thread(worker_and_loop_thread)
+
+    async def on_a_second_loop() -> tuple[int, int]:
+        return await run_in_thread(worker_and_loop_thread)
+
+    def second_loop() -> tuple[tuple[int, int], int]:
+        return asyncio.run(on_a_second_loop()), threading.get_ident()
+
+    (second_worker, called_back_on), second_loop_thread = await anyio.to_thread.run_sync(second_loop)
+    assert first_loop == threading.get_ident()
+    assert second_worker == first_worker  # the idle worker was reused: the case under test
+    assert called_back_on == second_loop_thread
 
 
 async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> None:
