@@ -88,15 +88,16 @@ def _work(inbox: queue.SimpleQueue[_Job]) -> None:
                         _idle.remove(inbox)
                         return
                 continue  # picked just now: its job is on the way
-            if loop is not claimed:
-                if claim is not None:
-                    claim.__exit__(None, None, None)
-                claim = _claim(loop)
-                claim.__enter__()
-                claimed = loop
             error: BaseException | None = None
             result = None
             try:
+                if loop is not claimed:  # inside the try: a failed claim is the caller's error, not a hang
+                    previous, claim, claimed = claim, None, None
+                    if previous is not None:
+                        previous.__exit__(None, None, None)
+                    entered = _claim(loop)
+                    entered.__enter__()
+                    claim, claimed = entered, loop
                 result = context.run(func)
             except StopIteration as exc:  # a future refuses it (it would end a coroutine): as anyio does
                 error = RuntimeError("a function run in a worker thread raised StopIteration")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import multiprocessing
 import threading
@@ -17,6 +18,7 @@ from di_request_scope._threads import run_in_thread
 
 pytestmark = pytest.mark.anyio
 
+WAIT = 10  # bounds a wait only a bug makes long
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
 
 
@@ -172,6 +174,26 @@ async def test_a_worker_that_served_another_loop_calls_back_into_the_loop_of_its
     assert first_loop == threading.get_ident()
     assert second_worker == first_worker  # the idle worker was reused: the case under test
     assert called_back_on == second_loop_thread
+
+
+async def test_a_worker_that_cannot_claim_itself_for_a_loop_fails_the_job_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claiming happens in the job's error handling: the caller gets the error and the worker lives on."""
+    await run_in_thread(lambda: None)  # an idle worker, claimed for this loop
+
+    def refuse(loop: asyncio.AbstractEventLoop) -> contextlib.AbstractContextManager[None]:
+        raise RuntimeError("claim failed")
+
+    async def on_a_second_loop() -> object:
+        return await asyncio.wait_for(run_in_thread(threading.get_ident), WAIT)
+
+    monkeypatch.setattr(_threads, "_claim", refuse)
+    with pytest.raises(RuntimeError, match="claim failed"):
+        await anyio.to_thread.run_sync(asyncio.run, on_a_second_loop())
+    monkeypatch.undo()
+    loop_thread = await run_in_thread(lambda: anyio.from_thread.run_sync(threading.get_ident))
+    assert loop_thread == threading.get_ident()
 
 
 async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> None:
