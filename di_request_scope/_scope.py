@@ -232,8 +232,10 @@ class RequestScope:
     def _add_before_response(self, hook: Hook) -> bool:
         """Register ``hook`` unless the response started (or the scope closed): then False.
 
-        Checked under the lock that the hooks are taken with, so a hook is either
-        run before the response or refused, never left behind.
+        Checked under the lock that the hooks are taken with, so a hook registered
+        while hooks run is run too. (Where no hook was registered at all, the
+        middleware marks the response started without the lock: a hook another
+        thread registers at that very moment commits at teardown instead.)
         """
         with self._lock:
             if self._closed or self._response_started:

@@ -79,8 +79,8 @@ def _resolving(func: Callable[..., Any], patched: Callable[..., Any]) -> Callabl
     """``patched`` (``wiring.inject``'s wrapper) redone as a plain wrapper that resolves the injections.
 
     Wiring still binds the providers (``container.wire()``, ``unwire()``) on the
-    record it keeps for ``patched``, found through ``patched``'s module, which the
-    new wrapper shares; the wrapper reads that record on each call. This saves
+    record it keeps for ``patched``, now registered for the new wrapper as well;
+    the wrapper reads that record on each call. This saves
     dependency-injector's resolver object and its two coroutines per call, about 1%
     of a small request. Anything else keeps ``patched``'s own way: ``Closing``
     markers, an async generator, a dependency-injector that keeps no such record.
@@ -107,13 +107,9 @@ def _resolving(func: Callable[..., Any], patched: Callable[..., Any]) -> Callabl
                         waiting.append((name, value))
                     else:
                         kwargs[name] = value
-            if waiting is not None:
-                if len(waiting) == 1:
-                    name, awaitable = waiting[0]
-                    kwargs[name] = await awaitable
-                else:  # concurrently, as dependency-injector does
-                    values = await asyncio.gather(*(awaitable for _, awaitable in waiting))
-                    kwargs.update(zip((name for name, _ in waiting), values, strict=True))
+            if waiting is not None:  # as dependency-injector does: together, each in a task of its own
+                values = await asyncio.gather(*(awaitable for _, awaitable in waiting))
+                kwargs.update(zip((name for name, _ in waiting), values, strict=True))
             return await func(*args, **kwargs)
 
     elif inspect.isfunction(func) and not inspect.isasyncgenfunction(func):
@@ -129,6 +125,10 @@ def _resolving(func: Callable[..., Any], patched: Callable[..., Any]) -> Callabl
 
     else:
         return patched
+    # Registered as the record's callable too, so wiring a module that imports the
+    # function from elsewhere (``wire(modules=[app.api])``) finds and binds it.
+    record.patched = resolving
+    registry.register_callable(record)
     return resolving
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -258,6 +259,8 @@ async def test_inject_passes_explicit_arguments_through(resolving: ResolvingCont
     """A caller's own argument wins over the injection, for async and sync functions."""
     assert await labelled(label="given") == "given"
     assert labelled_sync(label="given") == "given"
+    # A marker passed explicitly is injected, as dependency-injector does.
+    assert await labelled(label=wiring.Provide[ResolvingContainer.label]) == "first container"
     assert await labelled() == "first container"
     assert labelled_sync() == "first container"
 
@@ -267,8 +270,10 @@ async def test_inject_follows_wiring_unwiring_and_rewiring() -> None:
     """Each call reads what wiring bound last: a new container after unwire() is the one injected."""
     first = ResolvingContainer()
     first.wire(modules=[__name__])
-    assert await labelled() == "first container"
-    first.unwire()
+    try:
+        assert await labelled() == "first container"
+    finally:
+        first.unwire()
     assert isinstance(await labelled(), wiring.Provide)  # unwired: the marker itself, as with @inject
     second = ResolvingContainer(label=providers.Object("second container"))
     second.wire(modules=[__name__])
@@ -287,3 +292,16 @@ async def test_inject_shuts_a_closing_resource_down_after_the_call(resolving: Re
     assert await closing() == ["initialised"]
     assert log == ["initialised", "shut down"]
     assert not resolving.resource.initialized
+
+
+@pytest.mark.anyio
+async def test_inject_is_wired_through_a_module_that_only_imports_the_function() -> None:
+    """``wire(modules=[app.api])`` binds endpoints that ``app.api`` only re-exports from elsewhere."""
+    reexports = types.ModuleType("reexports")
+    reexports.labelled = labelled  # type: ignore[attr-defined]
+    container = ResolvingContainer(label=providers.Object("wired through the re-export"))
+    container.wire(modules=[reexports])
+    try:
+        assert await labelled() == "wired through the re-export"
+    finally:
+        container.unwire()

@@ -35,6 +35,7 @@ from di_request_scope import (
     RequestScoped,
     RequestScopeMiddleware,
     container_lifespan,
+    current_scope,
     request_scope,
 )
 from di_request_scope.sqlalchemy import (
@@ -821,14 +822,20 @@ def test_a_session_first_used_while_another_commits_commits_before_the_status(
             conn.execute(audit.insert().values(text="wrote hello"))  # the audit insert will collide
     engine = create_engine(db.url, poolclass=NullPool)
     main_sessions = sessionmaker(bind=engine)
+    audit_sessions = sessionmaker(bind=audit_engine)
 
     class Container(containers.DeclarativeContainer):
         # offload=True: the main commit, and so its before_commit event, runs in a worker thread
         # while the middleware awaits it.
         session = RequestScoped(unit_of_work, providers.Object(main_sessions), offload=True)
-        audit_session = RequestScoped(unit_of_work, providers.Object(sessionmaker(bind=audit_engine)))
+        audit_session = RequestScoped(unit_of_work, providers.Object(audit_sessions))
 
     container = Container()
+    commits_before_the_status: list[bool] = []
+
+    @event.listens_for(audit_sessions, "after_commit")
+    def note_audit_commit(session: Session) -> None:
+        commits_before_the_status.append(not current_scope().response_started)
 
     @event.listens_for(main_sessions, "before_commit")
     def write_audit(session: Session) -> None:
@@ -852,6 +859,7 @@ def test_a_session_first_used_while_another_commits_commits_before_the_status(
         engine.dispose()
     assert status == (500 if audit_fails else 200)
     assert audited == ["wrote hello"]
+    assert commits_before_the_status == ([] if audit_fails else [True])
 
 
 def test_unit_of_work_listens_only_to_its_own_sessionmakers_sessions(tmp_path: Any) -> None:
