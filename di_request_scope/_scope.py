@@ -30,6 +30,24 @@ try:  # anyio comes with Starlette/FastAPI; plain asyncio is the fallback.
 except ImportError:  # pragma: no cover - exercised only without anyio installed
     _HAS_ANYIO = False
 
+try:
+    # Private to anyio, so guarded, and covered by tests/test_threads.py: the anyio state of
+    # each task that anyio knows, whose cancel_scope is None outside every anyio cancel scope.
+    from anyio._backends._asyncio import _task_states
+
+    _anyio_task_states: Any = _task_states
+except ImportError:  # pragma: no cover - anyio missing, or reorganised: assume a scope
+    _anyio_task_states = None
+
+
+def _in_anyio_cancel_scope() -> bool:
+    """Whether an anyio cancel scope may cancel the current task (a fraction of the cost of entering one)."""
+    if _anyio_task_states is None:  # pragma: no cover - see the import
+        return _HAS_ANYIO
+    state = _anyio_task_states.get(asyncio.current_task())
+    return state is not None and getattr(state, "cancel_scope", True) is not None
+
+
 if TYPE_CHECKING:
     from ._observe import _Observers
 
@@ -554,12 +572,20 @@ async def _to_thread(func: Callable[[], R]) -> R:
 
     Shielded, as anyio's ``to_thread.run_sync`` is by default: a cancelled caller
     still waits for the thread, so nothing tears the session down (in another
-    thread) while this one still uses it; the cancellation is re-raised after.
+    thread) while this one still uses it; the cancellation is raised after.
     """
-    result, cancelled = await _shield_future(run_in_thread(func))
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+    future = run_in_thread(func, shielded=True)  # refuses Task.cancel(): no asyncio.shield() needed
+    try:
+        if _in_anyio_cancel_scope():
+            # anyio re-delivers its (level-triggered) cancellation every trip round the
+            # loop until the task leaves the scope: without this shield the loop would spin.
+            with anyio.CancelScope(shield=True):
+                return await future
+        return await future
+    except asyncio.CancelledError:
+        if future.done() and future.exception() is not None:  # the work failed too: keep its error
+            raise asyncio.CancelledError from future.exception()
+        raise
 
 
 async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
@@ -569,25 +595,19 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
     but not a native ``Task.cancel()`` (``asyncio.timeout``, a server shutting
     down), and a commit or rollback cut off half-way would lose data or a
     connection. The caller re-raises the cancellation once it has reported errors.
-    """
-    return await _shield_future(asyncio.ensure_future(func()))
-
-
-async def _shield_future(future: asyncio.Future[R]) -> tuple[R, bool]:
-    """:func:`_shield` for work already under way: a task, or a worker thread's future.
-
     If the caller was cancelled meanwhile and the work then raises, the
     cancellation is raised (from that error): a cancelled task must not carry on.
     """
+    future = asyncio.ensure_future(func())
     cancelled = False
     while True:
         try:
-            if _HAS_ANYIO:
+            if _in_anyio_cancel_scope():
                 # Without the anyio shield, anyio would re-deliver its (level-
                 # triggered) cancellation at every await and spin this loop.
                 with anyio.CancelScope(shield=True):
                     return await asyncio.shield(future), cancelled
-            return await asyncio.shield(future), cancelled  # pragma: no cover
+            return await asyncio.shield(future), cancelled
         except asyncio.CancelledError:
             if future.done():
                 raise

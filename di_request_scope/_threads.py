@@ -8,7 +8,7 @@ locks would then wait for each other's threads. So a thread is always
 available: an idle one, or a new one; idle threads exit after a while.
 
 A hop here is one queue put and one ``call_soon_threadsafe``: no limiter, no
-checkpoint, and no task to shield, since a future shields with no task.
+checkpoint, and no task to shield: a shielded hop's future refuses ``cancel()``.
 """
 
 from __future__ import annotations
@@ -115,14 +115,30 @@ def _work(inbox: queue.SimpleQueue[_Job]) -> None:
             claim.__exit__(None, None, None)
 
 
-def run_in_thread(func: Callable[[], R]) -> asyncio.Future[R]:
+class _Uncancellable(asyncio.Future):  # type: ignore[type-arg]
+    """A future that refuses ``cancel()``: a task cancelled while awaiting it keeps waiting.
+
+    ``Task.cancel()`` cancels the future the task awaits, unless that refuses; the
+    task then raises ``CancelledError`` at that ``await`` once the future is done.
+    That is what a shielded wait for a thread needs, without the outer future and
+    the extra trip round the event loop of ``asyncio.shield()``.
+    """
+
+    __slots__ = ()
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+def run_in_thread(func: Callable[[], R], *, shielded: bool = False) -> asyncio.Future[R]:
     """Start ``func()`` in a worker thread, in a copy of this context; await the returned future.
 
-    Cancelling the future (or a task awaiting it without ``asyncio.shield``) does
-    not stop the work: threads cannot be interrupted. Shield it to wait anyway.
+    Cancelling the future (or a task awaiting it) does not stop the work: threads
+    cannot be interrupted. With ``shielded``, the future refuses to be cancelled,
+    so a cancelled task awaiting it waits for the work, then raises ``CancelledError``.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[R] = loop.create_future()
+    future: asyncio.Future[R] = _Uncancellable(loop=loop) if shielded else loop.create_future()
     job: _Job = (loop, future, contextvars.copy_context(), func)
     with _lock:
         inbox = _idle.pop() if _idle else None

@@ -7,13 +7,15 @@ import contextlib
 import contextvars
 import multiprocessing
 import threading
+from collections.abc import Awaitable, Callable
 
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 
 from di_request_scope import RequestScoped, _threads, request_scope
-from di_request_scope._scope import _to_thread
+from di_request_scope._scope import _in_anyio_cancel_scope, _shield, _to_thread
 from di_request_scope._threads import run_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -211,6 +213,119 @@ async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> N
     await asyncio.sleep(0)  # let the cancellation reach the task, which keeps waiting for its thread
     assert not task.done()
     release.set()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError) as raised:
         await task
     assert task.cancelled()
+    assert isinstance(raised.value.__cause__, LookupError)
+
+
+async def test_a_caller_cancelled_during_its_work_waits_for_it_then_is_cancelled() -> None:
+    """A shielded hop's future refuses Task.cancel(): the caller wakes when the thread is done."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> str:
+        started.set()
+        release.wait(30)
+        finished.set()
+        return "done"
+
+    task = asyncio.ensure_future(_to_thread(work))
+    assert await asyncio.to_thread(started.wait, 30)
+    task.cancel()
+    task.cancel()  # a second request changes nothing
+    for _ in range(3):  # thread round trips: time for a caller that did not wait to give up
+        await asyncio.to_thread(lambda: None)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    assert finished.is_set()
+    assert task.cancelled()
+    assert raised.value.__cause__ is None
+
+
+def _in_a_thread(started: threading.Event, release: threading.Event) -> Awaitable[object]:
+    def work() -> str:
+        started.set()
+        release.wait(30)
+        return "done"
+
+    return _to_thread(work)
+
+
+def _in_a_task(started: threading.Event, release: threading.Event) -> Awaitable[object]:
+    async def work() -> str:
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+        return "done"
+
+    return _shield(work)
+
+
+@pytest.mark.parametrize(
+    ("shielded", "result"), [(_in_a_thread, "done"), (_in_a_task, ("done", False))], ids=["thread", "task"]
+)
+async def test_an_anyio_cancel_scope_cancelled_during_shielded_work_waits_without_spinning_the_loop(
+    shielded: Callable[[threading.Event, threading.Event], Awaitable[object]], result: object
+) -> None:
+    """anyio re-delivers a cancellation every loop iteration unless shielded: the wait shields itself."""
+    started, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def in_a_scope() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            outcome.append(await shielded(started, release))
+            await anyio.lowlevel.checkpoint()  # as with anyio's own threads: delivered at the next one
+        outcome.append(scope.cancelled_caught)
+
+    loop = asyncio.get_running_loop()
+    iterations = 0
+    run_once = loop._run_once  # type: ignore[attr-defined]
+
+    def counting_run_once() -> None:
+        nonlocal iterations
+        iterations += 1
+        run_once()
+
+    task = asyncio.ensure_future(in_a_scope())
+    assert await asyncio.to_thread(started.wait, 30)
+    scopes[0].cancel()
+    loop._run_once = counting_run_once  # type: ignore[attr-defined]
+    try:
+        # 50 ms of an idle loop: a handful of iterations, or thousands if it spins.
+        await asyncio.to_thread(threading.Event().wait, 0.05)
+    finally:
+        del loop._run_once  # type: ignore[attr-defined]
+    assert not task.done()
+    release.set()
+    await task
+    assert iterations < 100, f"the event loop ran {iterations} iterations while it had nothing to do"
+    assert outcome == [result, True]  # as with anyio's own threads: the result, then the cancellation
+
+
+async def test_only_a_task_inside_an_anyio_cancel_scope_pays_for_an_anyio_shield() -> None:
+    """The check reads anyio's private task state: this fails if anyio reorganises it."""
+
+    async def outside() -> bool:
+        return _in_anyio_cancel_scope()
+
+    async def inside() -> bool:
+        with anyio.CancelScope():
+            return _in_anyio_cancel_scope()
+
+    async def after() -> bool:
+        with anyio.CancelScope():
+            pass
+        return _in_anyio_cancel_scope()
+
+    assert await asyncio.ensure_future(outside()) is False
+    assert await asyncio.ensure_future(inside()) is True
+    assert await asyncio.ensure_future(after()) is False
+    async with anyio.create_task_group() as group:
+        group.start_soon(_expect_inside)
+
+
+async def _expect_inside() -> None:
+    assert _in_anyio_cancel_scope()  # a task group's child runs in the group's cancel scope
