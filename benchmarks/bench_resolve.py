@@ -14,7 +14,8 @@ instance they created, and every scope really ran its teardown.
 
 APIs used (read from the installed sources):
   dishka 1.10       ``make_container(provider)``, ``with container() as req: req.get(T)``
-                    (sync; a request container has no lock by default);
+                    (sync; a request container has no lock by default,
+                    ``container(lock_factory=threading.Lock)`` gives it one);
                     async: ``make_async_container``, ``await req.get(T)``.
   wireup 2.13       ``@injectable(lifetime="scoped")`` on a generator factory,
                     ``create_sync_container(injectables=[...])``,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 
 import anyio.to_thread
@@ -228,6 +230,12 @@ def fresh_sync_candidates(stack: contextlib.ExitStack) -> list[Candidate]:
         with dishka_container() as request:
             request.get(Thing)
 
+    def dishka_locked_scope() -> None:
+        # A request container has no lock unless given one; ours always creates under one,
+        # since a sync endpoint and its dependencies in the threadpool share the scope.
+        with dishka_container(lock_factory=threading.Lock) as request:
+            request.get(Thing)
+
     wireup_container = wireup.create_sync_container(injectables=[wireup_thing])
     stack.callback(wireup_container.close)
 
@@ -251,6 +259,7 @@ def fresh_sync_candidates(stack: contextlib.ExitStack) -> list[Candidate]:
         "hand-written generator": floor,
         "di_request_scope": ours_scope,
         "dishka": dishka_scope,
+        "dishka, thread-safe": dishka_locked_scope,
         "wireup": wireup_scope,
         "svcs": svcs_scope,
         "that-depends": td_scope,
@@ -266,6 +275,11 @@ def fresh_sync_candidates(stack: contextlib.ExitStack) -> list[Candidate]:
             "`RequestScoped(Thing)`: a plain class, no finalizer",
         ),
         Candidate("dishka", sync_timer(dishka_scope), "`with container() as r: r.get(T)`"),
+        Candidate(
+            "dishka, thread-safe",
+            sync_timer(dishka_locked_scope),
+            "`container(lock_factory=threading.Lock)`: creation under a lock, as di_request_scope's always is",
+        ),
         Candidate("wireup", sync_timer(wireup_scope), "`with c.enter_scope() as s: s.get(T)`"),
         Candidate("svcs", sync_timer(svcs_scope), "`with Container(reg) as c: c.get(T)`"),
         Candidate("that-depends", sync_timer(td_scope), "`with container_context(C): p.resolve_sync()`"),
