@@ -278,7 +278,7 @@ def fresh_sync_candidates(stack: contextlib.ExitStack) -> list[Candidate]:
         Candidate(
             "dishka, thread-safe",
             sync_timer(dishka_locked_scope),
-            "`container(lock_factory=threading.Lock)`: creation under a lock, as di_request_scope's always is",
+            "`container(lock_factory=threading.Lock)`: creation under a lock, as di_request_scope's is",
         ),
         Candidate("wireup", sync_timer(wireup_scope), "`with c.enter_scope() as s: s.get(T)`"),
         Candidate("svcs", sync_timer(svcs_scope), "`with Container(reg) as c: c.get(T)`"),
