@@ -21,6 +21,8 @@ requests got different sessions, and each session's transaction had ended
 Candidates:
   bare                      no session, no middleware: the floor
   bare + middleware         RequestScopeMiddleware around the same endpoints, nothing resolved
+  pass-through middleware   a reference: a pure ASGI middleware that only calls the app, the
+                            cost of one more layer in the stack
   minimal scope middleware  a reference: the least a request-scope middleware can do (a scope in
                             the ContextVar, ``send`` wrapped to see the status): the floor for the above
   hand-written session      a reference: the endpoint opens, commits and closes its own session,
@@ -123,6 +125,16 @@ def session_generator() -> Iterator[Session]:
 
 
 # --- bare ------------------------------------------------------------------------------
+
+
+class PassThroughMiddleware:
+    """A pure ASGI middleware that only awaits the app: what one more layer in the stack costs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 class MinimalScopeMiddleware:
@@ -539,6 +551,12 @@ async def endpoint_candidates(path: str) -> AsyncIterator[list[Candidate]]:
             "bare + RequestScopeMiddleware",
             "nothing resolved",
             bare_app(middleware=RequestScopeMiddleware),
+            False,
+        ),
+        (
+            "bare + pass-through middleware (reference)",
+            "a pure ASGI middleware that only awaits the app: the cost of the layer itself",
+            bare_app(middleware=PassThroughMiddleware),
             False,
         ),
         (
