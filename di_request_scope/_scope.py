@@ -20,7 +20,7 @@ from contextvars import ContextVar, Token
 from types import GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
-from ._threads import run_in_thread
+from ._threads import _Uncancellable, run_in_thread
 from .exceptions import NoRequestScopeError, ScopeMisuseError, TeardownError
 
 try:  # anyio comes with Starlette/FastAPI; plain asyncio is the fallback.
@@ -598,24 +598,33 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
     If the caller was cancelled meanwhile and the work then raises, the
     cancellation is raised (from that error): a cancelled task must not carry on.
     """
-    future = asyncio.ensure_future(func())
-    cancelled = False
-    while True:
-        try:
-            if _in_anyio_cancel_scope():
-                # Without the anyio shield, anyio would re-deliver its (level-
-                # triggered) cancellation at every await and spin this loop.
-                with anyio.CancelScope(shield=True):
-                    return await asyncio.shield(future), cancelled
-            return await asyncio.shield(future), cancelled
-        except asyncio.CancelledError:
-            if future.done():
-                raise
-            cancelled = True
-        except BaseException as exc:
-            if cancelled:
-                raise asyncio.CancelledError from exc
+    task = asyncio.ensure_future(func())
+    # The caller waits on a future that refuses cancel(), as _to_thread() does: a
+    # cancellation then wakes it once the work is done, and never reaches the task.
+    waiter: asyncio.Future[R] = _Uncancellable(loop=task.get_loop())
+    task.add_done_callback(functools.partial(_relay, waiter))
+    try:
+        if _in_anyio_cancel_scope():
+            with anyio.CancelScope(shield=True):  # see _to_thread()
+                return await waiter, False
+        return await waiter, False
+    except asyncio.CancelledError:
+        if not waiter.done() or task.cancelled():  # the work itself was cancelled
             raise
+        error = waiter.exception()
+        if error is not None:
+            raise asyncio.CancelledError from error
+        return waiter.result(), True
+
+
+def _relay(waiter: asyncio.Future[R], task: asyncio.Future[R]) -> None:
+    """Hand a finished task's outcome to the future its caller awaits."""
+    if task.cancelled():
+        waiter.set_exception(asyncio.CancelledError())
+    elif (error := task.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(task.result())
 
 
 async def _shielded(func: Callable[[], Awaitable[R]]) -> R:

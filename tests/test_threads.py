@@ -15,7 +15,7 @@ import anyio.to_thread
 import pytest
 
 from di_request_scope import RequestScoped, _threads, request_scope
-from di_request_scope._scope import _in_anyio_cancel_scope, _shield, _to_thread
+from di_request_scope._scope import _in_anyio_cancel_scope, _shield, _shielded, _to_thread
 from di_request_scope._threads import run_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -198,7 +198,24 @@ async def test_a_worker_that_cannot_claim_itself_for_a_loop_fails_the_job_instea
     assert loop_thread == threading.get_ident()
 
 
-async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> None:
+def _thread_hop(body: Callable[[], object]) -> Awaitable[object]:
+    return _to_thread(body)
+
+
+def _shielded_task(body: Callable[[], object]) -> Awaitable[object]:
+    async def work() -> object:
+        return await asyncio.to_thread(body)
+
+    return _shielded(work)
+
+
+SHIELDED_WORK = pytest.mark.parametrize("shielded", [_thread_hop, _shielded_task], ids=["thread", "task"])
+
+
+@SHIELDED_WORK
+async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled(
+    shielded: Callable[[Callable[[], object]], Awaitable[object]],
+) -> None:
     """The work's error does not swallow the cancellation: it is raised from it."""
     started, release = threading.Event(), threading.Event()
 
@@ -207,7 +224,7 @@ async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> N
         release.wait(30)
         raise LookupError("failed after the cancellation")
 
-    task = asyncio.ensure_future(_to_thread(fails_later))
+    task = asyncio.ensure_future(shielded(fails_later))
     assert await asyncio.to_thread(started.wait, 30)
     task.cancel()
     await asyncio.sleep(0)  # let the cancellation reach the task, which keeps waiting for its thread
@@ -219,8 +236,11 @@ async def test_a_caller_cancelled_while_its_work_fails_is_still_cancelled() -> N
     assert isinstance(raised.value.__cause__, LookupError)
 
 
-async def test_a_caller_cancelled_during_its_work_waits_for_it_then_is_cancelled() -> None:
-    """A shielded hop's future refuses Task.cancel(): the caller wakes when the thread is done."""
+@SHIELDED_WORK
+async def test_a_caller_cancelled_during_its_work_waits_for_it_then_is_cancelled(
+    shielded: Callable[[Callable[[], object]], Awaitable[object]],
+) -> None:
+    """The future the caller awaits refuses Task.cancel(): the caller wakes when the work is done."""
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     def work() -> str:
@@ -229,7 +249,7 @@ async def test_a_caller_cancelled_during_its_work_waits_for_it_then_is_cancelled
         finished.set()
         return "done"
 
-    task = asyncio.ensure_future(_to_thread(work))
+    task = asyncio.ensure_future(shielded(work))
     assert await asyncio.to_thread(started.wait, 30)
     task.cancel()
     task.cancel()  # a second request changes nothing
