@@ -588,14 +588,15 @@ async def _to_thread(func: Callable[[], R]) -> R:
         raise
 
 
-async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
-    """Run ``func()`` to completion even if the caller is cancelled; also say whether it was.
+async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, asyncio.CancelledError | None]:
+    """Run ``func()`` to completion even if the caller is cancelled; also hand back that cancellation.
 
     The work runs in a task of its own: an anyio shield stops anyio cancellation
     but not a native ``Task.cancel()`` (``asyncio.timeout``, a server shutting
     down), and a commit or rollback cut off half-way would lose data or a
-    connection. The caller re-raises the cancellation once it has reported errors.
-    If the caller was cancelled meanwhile and the work then raises, the
+    connection. The caller re-raises the cancellation once it has reported errors:
+    the very exception, since anyio recognises its own cancellations by their
+    message. If the caller was cancelled meanwhile and the work then raises, the
     cancellation is raised (from that error): a cancelled task must not carry on.
     """
     task = asyncio.ensure_future(func())
@@ -606,15 +607,15 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, bool]:
     try:
         if _in_anyio_cancel_scope():
             with anyio.CancelScope(shield=True):  # see _to_thread()
-                return await waiter, False
-        return await waiter, False
-    except asyncio.CancelledError:
+                return await waiter, None
+        return await waiter, None
+    except asyncio.CancelledError as cancelled:
         if not waiter.done() or task.cancelled():  # the work itself was cancelled
             raise
         error = waiter.exception()
         if error is not None:
-            raise asyncio.CancelledError from error
-        return waiter.result(), True
+            raise cancelled from error
+        return waiter.result(), cancelled
 
 
 def _relay(waiter: asyncio.Future[R], task: asyncio.Future[R]) -> None:
@@ -630,8 +631,8 @@ def _relay(waiter: asyncio.Future[R], task: asyncio.Future[R]) -> None:
 async def _shielded(func: Callable[[], Awaitable[R]]) -> R:
     """:func:`_shield`, re-raising the cancellation once ``func()`` is done."""
     result, cancelled = await _shield(func)
-    if cancelled:
-        raise asyncio.CancelledError
+    if cancelled is not None:
+        raise cancelled
     return result
 
 
@@ -699,13 +700,14 @@ async def _aclose_and_report(scope: RequestScope, body_error: BaseException | No
     """Tear an async scope down; raise or log its errors as ``request_scope()`` promises."""
     closed_now = scope._close_now()
     errors: Sequence[BaseException]
+    cancelled: asyncio.CancelledError | None = None
     if closed_now is None:
         errors, cancelled = await _shield(scope.aclose)
     else:
-        errors, cancelled = closed_now, False
-    if cancelled:
-        raise_teardown_errors(errors, asyncio.CancelledError())  # logged: cancellation goes first
-        raise asyncio.CancelledError  # re-raise what teardown absorbed
+        errors = closed_now
+    if cancelled is not None:
+        raise_teardown_errors(errors, cancelled)  # logged: cancellation goes first
+        raise cancelled  # re-raise what teardown absorbed
     raise_teardown_errors(errors, body_error)
 
 

@@ -263,7 +263,7 @@ class RequestScopeMiddleware:
                         else "the app returned without completing the response"
                     )
                 )
-            cancelled = False
+            cancelled: asyncio.CancelledError | None = None
             try:
                 closed_now = request_scope._close_now()
                 errors: Sequence[BaseException]
@@ -275,8 +275,8 @@ class RequestScopeMiddleware:
                     self._log_teardown_errors(scope, request_scope, errors)
             finally:
                 _current.reset(token)
-            if cancelled and error is None:
-                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+            if cancelled is not None and error is None:
+                raise cancelled  # re-raise the cancellation that teardown absorbed
 
     async def _call_other(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anything but a first pass of an HTTP request: WebSockets, lifespan, a nested copy."""
@@ -336,13 +336,13 @@ class RequestScopeMiddleware:
             request_scope.fail(exc)
             raise
         finally:
-            cancelled = False
+            cancelled: asyncio.CancelledError | None = None
             try:
                 cancelled = await self._close_and_log(scope, request_scope)
             finally:
                 _current.reset(token)
-            if cancelled and error is None:
-                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+            if cancelled is not None and error is None:
+                raise cancelled  # re-raise the cancellation that teardown absorbed
 
     async def _call_per_message(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket connection with a scope per received message, nested in the connection's.
@@ -485,7 +485,7 @@ class RequestScopeMiddleware:
                 message.fail(exc)
             raise
         finally:
-            cancelled = False
+            cancelled: asyncio.CancelledError | None = None
             try:
                 if message is not None:  # the app returned or raised while handling it
                     cancelled = await self._close_and_log(scope, message)
@@ -493,17 +493,20 @@ class RequestScopeMiddleware:
                 cancelled = await self._close_and_log(scope, connection) or cancelled
             finally:
                 _current.reset(token)
-            if cancelled and error is None:
-                raise asyncio.CancelledError  # re-raise the cancellation that teardown absorbed
+            if cancelled is not None and error is None:
+                raise cancelled  # re-raise the cancellation that teardown absorbed
 
-    async def _close_and_log(self, scope: Scope, request_scope: RequestScope) -> bool:
-        """Tear a scope down, shielded; log its errors; say whether the caller was cancelled meanwhile."""
+    async def _close_and_log(
+        self, scope: Scope, request_scope: RequestScope
+    ) -> asyncio.CancelledError | None:
+        """Tear a scope down, shielded; log its errors; hand back a cancellation of the caller meanwhile."""
         closed_now = request_scope._close_now()
         errors: Sequence[BaseException]
+        cancelled: asyncio.CancelledError | None = None
         if closed_now is None:
             errors, cancelled = await _shield(request_scope.aclose)
         else:
-            errors, cancelled = closed_now, False
+            errors = closed_now
         if errors:
             self._log_teardown_errors(scope, request_scope, errors)
         return cancelled

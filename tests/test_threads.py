@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import multiprocessing
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio.from_thread
 import anyio.lowlevel
@@ -209,7 +209,23 @@ def _shielded_task(body: Callable[[], object]) -> Awaitable[object]:
     return _shielded(work)
 
 
-SHIELDED_WORK = pytest.mark.parametrize("shielded", [_thread_hop, _shielded_task], ids=["thread", "task"])
+def _in_an_anyio_scope(
+    shielded: Callable[[Callable[[], object]], Awaitable[object]],
+) -> Callable[[Callable[[], object]], Awaitable[object]]:
+    """The same work awaited inside an anyio cancel scope, as under TestClient: the anyio-shielded path."""
+
+    async def in_a_scope(body: Callable[[], object]) -> object:
+        with anyio.CancelScope():
+            return await shielded(body)
+
+    return in_a_scope
+
+
+SHIELDED_WORK = pytest.mark.parametrize(
+    "shielded",
+    [_thread_hop, _shielded_task, _in_an_anyio_scope(_thread_hop), _in_an_anyio_scope(_shielded_task)],
+    ids=["thread", "task", "thread in an anyio scope", "task in an anyio scope"],
+)
 
 
 @SHIELDED_WORK
@@ -283,7 +299,7 @@ def _in_a_task(started: threading.Event, release: threading.Event) -> Awaitable[
 
 
 @pytest.mark.parametrize(
-    ("shielded", "result"), [(_in_a_thread, "done"), (_in_a_task, ("done", False))], ids=["thread", "task"]
+    ("shielded", "result"), [(_in_a_thread, "done"), (_in_a_task, ("done", None))], ids=["thread", "task"]
 )
 async def test_an_anyio_cancel_scope_cancelled_during_shielded_work_waits_without_spinning_the_loop(
     shielded: Callable[[threading.Event, threading.Event], Awaitable[object]], result: object
@@ -349,3 +365,68 @@ async def test_only_a_task_inside_an_anyio_cancel_scope_pays_for_an_anyio_shield
 
 async def _expect_inside() -> None:
     assert _in_anyio_cancel_scope()  # a task group's child runs in the group's cancel scope
+
+
+async def test_shielded_work_hands_back_its_result_and_the_callers_cancellation() -> None:
+    """A cancelled caller still gets what the work returned (teardown's errors, to log them)."""
+    started, release = threading.Event(), threading.Event()
+
+    async def work() -> str:
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+        return "teardown errors"
+
+    task = asyncio.ensure_future(_shield(work))
+    assert await asyncio.to_thread(started.wait, 30)
+    task.cancel("stop")
+    await asyncio.sleep(0)
+    release.set()
+    result, cancelled = await task
+    assert result == "teardown errors"
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert cancelled.args == ("stop",)  # the caller's own cancellation, to be re-raised as it is
+
+
+async def test_shielded_work_that_is_itself_cancelled_raises_the_cancellation() -> None:
+    """A cancellation of the work's own task (a loop shutting down) is not turned into a result."""
+
+    async def cancelled_work() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+        return "never"
+
+    with pytest.raises(asyncio.CancelledError):
+        await _shield(cancelled_work)
+
+
+async def test_an_anyio_cancellation_forwarded_to_a_plain_task_in_teardown_stays_anyios() -> None:
+    """anyio recognises its cancellation by the exception: teardown re-raises the same one, not a new one."""
+    started, release = threading.Event(), threading.Event()
+
+    async def connection() -> AsyncIterator[str]:
+        yield "connection"
+        started.set()
+        await asyncio.to_thread(release.wait, 30)  # async teardown, under way when the scope is cancelled
+
+    provider = RequestScoped(connection)
+
+    async def job() -> None:
+        async with request_scope():
+            await provider()
+
+    scopes: list[anyio.CancelScope] = []
+
+    async def awaits_a_plain_task() -> bool:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await asyncio.ensure_future(job())  # anyio forwards its cancel to this task with Task.cancel()
+        return scope.cancelled_caught
+
+    outer = asyncio.ensure_future(awaits_a_plain_task())
+    assert await asyncio.to_thread(started.wait, 30)
+    scopes[0].cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await outer is True  # caught by its own scope, not escaping as a foreign cancellation
