@@ -582,9 +582,10 @@ async def _to_thread(func: Callable[[], R]) -> R:
             with anyio.CancelScope(shield=True):
                 return await future
         return await future
-    except asyncio.CancelledError:
-        if future.done() and future.exception() is not None:  # the work failed too: keep its error
-            raise asyncio.CancelledError from future.exception()
+    except asyncio.CancelledError as cancelled:
+        error = future.exception() if future.done() else None
+        if error is not None:  # the work failed too: keep its error, and anyio's own cancellation
+            raise cancelled from error
         raise
 
 
