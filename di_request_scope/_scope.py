@@ -574,19 +574,10 @@ async def _to_thread(func: Callable[[], R]) -> R:
     still waits for the thread, so nothing tears the session down (in another
     thread) while this one still uses it; the cancellation is raised after.
     """
-    future = run_in_thread(func, shielded=True)  # refuses Task.cancel(): no asyncio.shield() needed
-    try:
-        if _in_anyio_cancel_scope():
-            # anyio re-delivers its (level-triggered) cancellation every trip round the
-            # loop until the task leaves the scope: without this shield the loop would spin.
-            with anyio.CancelScope(shield=True):
-                return await future
-        return await future
-    except asyncio.CancelledError as cancelled:
-        error = future.exception() if future.done() else None
-        if error is not None:  # the work failed too: keep its error, and anyio's own cancellation
-            raise cancelled from error
-        raise
+    result, cancelled = await _outlast(run_in_thread(func, shielded=True))
+    if cancelled is not None:
+        raise cancelled
+    return result
 
 
 async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, asyncio.CancelledError | None]:
@@ -595,28 +586,36 @@ async def _shield(func: Callable[[], Awaitable[R]]) -> tuple[R, asyncio.Cancelle
     The work runs in a task of its own: an anyio shield stops anyio cancellation
     but not a native ``Task.cancel()`` (``asyncio.timeout``, a server shutting
     down), and a commit or rollback cut off half-way would lose data or a
-    connection. The caller re-raises the cancellation once it has reported errors:
-    the very exception, since anyio recognises its own cancellations by their
-    message. If the caller was cancelled meanwhile and the work then raises, the
-    cancellation is raised (from that error): a cancelled task must not carry on.
+    connection. The caller re-raises the cancellation once it has reported errors.
     """
     task = asyncio.ensure_future(func())
-    # The caller waits on a future that refuses cancel(), as _to_thread() does: a
-    # cancellation then wakes it once the work is done, and never reaches the task.
+    # The caller waits on a future that refuses cancel(), so the cancellation never reaches the task.
     waiter: asyncio.Future[R] = _Uncancellable(loop=task.get_loop())
     task.add_done_callback(functools.partial(_relay, waiter))
+    return await _outlast(waiter)
+
+
+async def _outlast(future: asyncio.Future[R]) -> tuple[R, asyncio.CancelledError | None]:
+    """Await a future that refuses ``cancel()``; a cancellation of the caller meanwhile is handed back.
+
+    It is the very exception, for the caller to re-raise: anyio recognises its own
+    cancellations by their message. If the work failed too, the cancellation is
+    raised from that error: a cancelled task must not carry on.
+    """
     try:
         if _in_anyio_cancel_scope():
-            with anyio.CancelScope(shield=True):  # see _to_thread()
-                return await waiter, None
-        return await waiter, None
+            # anyio re-delivers its (level-triggered) cancellation every trip round the
+            # loop until the task leaves the scope: without this shield the loop would spin.
+            with anyio.CancelScope(shield=True):
+                return await future, None
+        return await future, None
     except asyncio.CancelledError as cancelled:
-        if not waiter.done() or task.cancelled():  # the work itself was cancelled
+        error = future.exception() if future.done() else None
+        if error is cancelled:  # the work itself was cancelled, not its caller
             raise
-        error = waiter.exception()
         if error is not None:
             raise cancelled from error
-        return waiter.result(), cancelled
+        return future.result(), cancelled
 
 
 def _relay(waiter: asyncio.Future[R], task: asyncio.Future[R]) -> None:

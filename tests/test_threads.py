@@ -280,39 +280,24 @@ async def test_a_caller_cancelled_during_its_work_waits_for_it_then_is_cancelled
     assert raised.value.__cause__ is None
 
 
-def _in_a_thread(started: threading.Event, release: threading.Event) -> Awaitable[object]:
-    def work() -> str:
-        started.set()
-        release.wait(30)
-        return "done"
-
-    return _to_thread(work)
-
-
-def _in_a_task(started: threading.Event, release: threading.Event) -> Awaitable[object]:
-    async def work() -> str:
-        started.set()
-        await asyncio.to_thread(release.wait, 30)
-        return "done"
-
-    return _shield(work)
-
-
-@pytest.mark.parametrize(
-    ("shielded", "result"), [(_in_a_thread, "done"), (_in_a_task, ("done", None))], ids=["thread", "task"]
-)
+@pytest.mark.parametrize("shielded", [_thread_hop, _shielded_task], ids=["thread", "task"])
 async def test_an_anyio_cancel_scope_cancelled_during_shielded_work_waits_without_spinning_the_loop(
-    shielded: Callable[[threading.Event, threading.Event], Awaitable[object]], result: object
+    shielded: Callable[[Callable[[], object]], Awaitable[object]],
 ) -> None:
     """anyio re-delivers a cancellation every loop iteration unless shielded: the wait shields itself."""
     started, release = threading.Event(), threading.Event()
     outcome: list[object] = []
     scopes: list[anyio.CancelScope] = []
 
+    def work() -> str:
+        started.set()
+        release.wait(30)
+        return "done"
+
     async def in_a_scope() -> None:
         with anyio.CancelScope() as scope:
             scopes.append(scope)
-            outcome.append(await shielded(started, release))
+            outcome.append(await shielded(work))
             await anyio.lowlevel.checkpoint()  # as with anyio's own threads: delivered at the next one
         outcome.append(scope.cancelled_caught)
 
@@ -338,7 +323,7 @@ async def test_an_anyio_cancel_scope_cancelled_during_shielded_work_waits_withou
     release.set()
     await task
     assert iterations < 100, f"the event loop ran {iterations} iterations while it had nothing to do"
-    assert outcome == [result, True]  # as with anyio's own threads: the result, then the cancellation
+    assert outcome == ["done", True]  # as with anyio's own threads: the result, then the cancellation
 
 
 async def test_only_a_task_inside_an_anyio_cancel_scope_pays_for_an_anyio_shield() -> None:
